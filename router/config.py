@@ -1,0 +1,79 @@
+"""Router configuration: one frozen dataclass, parsed once from the command line with
+environment-variable fallbacks (TGI's names: MAX_INPUT_TOKENS, ...). The launcher passes every
+flag explicitly; the fallbacks serve a router started on its own (docker-compose)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    master_shard_uds_path: str = "unix:///tmp/tgi-trtllm-shard-0"  # or host:port for TCP
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    tokenizer_name: str = ""  # HF folder/name or a .gguf file
+    model_id: str = ""  # the name /info and /v1/models report
+    cache_dir: str = ""  # converted tokenizer cache ("" = ~/.cache/tgi-trtllm)
+    max_input_tokens: int = 0  # 0 = derive from the shard's limits
+    max_total_tokens: int = 0
+    max_batch_prefill_tokens: int = 0
+    max_batch_total_tokens: int = 0
+    max_batch_size: int = 0  # 0 = the engine's, else unbounded by count
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_client_batch_size: int = 4
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    max_decode_steps: int = 4  # decode steps per RPC while nobody waits (1 = per-token RPCs)
+    payload_limit: int = 2_000_000
+    api_key: str = ""
+    prefix_caching: bool = True
+    cors_allow_origin: str = ""
+
+    @property
+    def listen_url(self) -> str:
+        return f"http://{self.hostname}:{self.port}"
+
+    def __repr__(self) -> str:  # never print the API key
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        shown["api_key"] = "<set>" if self.api_key else ""
+        return f"RouterConfig({shown})"
+
+
+def _env_name(field_name: str) -> str:
+    return field_name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> RouterConfig:
+    """Flags win over environment variables, which win over the dataclass defaults."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(prog="python -m router", description="tgi-trtllm HTTP router")
+    for f in fields(RouterConfig):
+        default = f.default
+        env_value = env.get(_env_name(f.name))
+        kind = type(default)
+        conv = _parse_bool if kind is bool else kind
+        if env_value is not None:
+            default = conv(env_value)
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=conv,
+            default=default,
+            help=f"(env {_env_name(f.name)}; default {default!r})" if f.name != "api_key" else "(env API_KEY)",
+        )
+    ns = parser.parse_args(argv)
+    return RouterConfig(**vars(ns))

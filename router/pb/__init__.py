@@ -1,0 +1,1 @@
+"""Stubs generated from proto/generate.proto at build time (make stubs). Never edited by hand."""

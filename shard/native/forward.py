@@ -1,0 +1,65 @@
+"""The contract between the native engine's batch builder and its model / attention backends.
+
+A step is a flat batch: the new tokens of every sequence concatenated (T tokens over B sequences).
+Prefill steps compute input_ids[prefix_len:] of each new sequence; decode steps compute one token
+per running sequence. K/V of the new tokens are written to the paged cache at `slot_mapping`
+before attention reads the cache, so attention always reads K/V from the cache (prefix-cache hits
+and decode look the same to it).
+
+Paged KV cache layout, per layer: k_cache, v_cache of shape
+    (num_blocks, block_size, num_kv_heads, head_dim)
+and slot s = block_id * block_size + offset_in_block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64, position of each token in its sequence
+    slot_mapping: torch.Tensor  # (T,) int64, cache slot each new token's K/V is written to
+    block_tables: torch.Tensor  # (B, max_blocks) int32, padded with 0
+    seq_lens: torch.Tensor  # (B,) int32, total tokens of each sequence after this step (prefix + new)
+    cu_seqlens_q: torch.Tensor  # (B + 1,) int32, offsets of each sequence's new tokens in the flat batch
+    logits_indices: torch.Tensor  # (L,) int64, rows of the flat batch whose logits the step needs
+    is_prefill: bool
+    max_seqlen_q: int  # max new tokens of one sequence (1 for decode)
+    max_seqlen_k: int  # max of seq_lens
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+
+@dataclass
+class AttentionMetadata:
+    """What an attention backend needs besides q/k/v; a view of ForwardBatch."""
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    is_prefill: bool
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    @classmethod
+    def from_batch(cls, batch: ForwardBatch) -> AttentionMetadata:
+        return cls(
+            slot_mapping=batch.slot_mapping,
+            block_tables=batch.block_tables,
+            seq_lens=batch.seq_lens,
+            cu_seqlens_q=batch.cu_seqlens_q,
+            is_prefill=batch.is_prefill,
+            max_seqlen_q=batch.max_seqlen_q,
+            max_seqlen_k=batch.max_seqlen_k,
+        )
