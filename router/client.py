@@ -1,0 +1,184 @@
+"""Sharded gRPC client: every call fans out to every rank (ranks run in lockstep, as in TGI).
+
+Ranks return identical generations (tensor parallel ranks broadcast rank 0's sampled ids;
+pipeline stages get them from the last stage), so the router reads rank 0's answer and only
+checks that the others succeeded. Any rank failing fails the call with GenerationError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
+
+import grpc
+
+from router.errors import GenerationError
+from router.pb import generate_pb2 as pb
+from router.pb import generate_pb2_grpc as pb_grpc
+from router.types import (
+    FinishReason,
+    GenerateRequest,
+    PrefillOut,
+    ShardInfo,
+    TokenOut,
+)
+
+log = logging.getLogger(__name__)
+
+_OPTIONS = [
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+]
+_ENGINES = {pb.ENGINE_KIND_NATIVE: "native", pb.ENGINE_KIND_TRTLLM: "trtllm"}
+_FINISH = {pb.FINISH_REASON_LENGTH: FinishReason.LENGTH, pb.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN}
+
+R = TypeVar("R")
+
+
+def _target(url: str) -> str:
+    """grpc wants unix:///abs/path or host:port; accept both and a bare path."""
+    if url.startswith("unix:") or ":" in url:
+        return url
+    return f"unix://{url}"
+
+
+class ShardedClient:
+    def __init__(self, urls: Sequence[str]) -> None:
+        assert urls, "at least one shard url"
+        self.urls = tuple(urls)
+        self._channels = [grpc.aio.insecure_channel(_target(u), options=_OPTIONS) for u in self.urls]
+        self._stubs = [pb_grpc.TextGenerationServiceStub(c) for c in self._channels]
+
+    @classmethod
+    async def connect(cls, master_url: str, timeout: float = 30.0) -> ShardedClient:
+        """Asks the master shard for every rank's url (ServiceDiscovery) and connects to all."""
+        async with grpc.aio.insecure_channel(_target(master_url), options=_OPTIONS) as channel:
+            stub = pb_grpc.TextGenerationServiceStub(channel)
+            resp = await stub.ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=timeout)
+        return cls(list(resp.urls) or [master_url])
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def _fan_out(self, call: Callable[[pb_grpc.TextGenerationServiceStub], Awaitable[R]]) -> R:
+        results = await asyncio.gather(*(call(s) for s in self._stubs), return_exceptions=True)
+        for rank, res in enumerate(results):
+            if isinstance(res, grpc.aio.AioRpcError):
+                raise GenerationError(f"shard {rank}: {res.code().name}: {res.details()}") from res
+            if isinstance(res, BaseException):
+                raise GenerationError(f"shard {rank}: {res!r}") from res
+        return results[0]  # type: ignore[return-value]
+
+    async def health(self, timeout: float = 5.0) -> bool:
+        try:
+            await self._fan_out(lambda s: s.Health(pb.HealthRequest(), timeout=timeout))
+        except GenerationError:
+            return False
+        return True
+
+    async def info(self) -> ShardInfo:
+        r = await self._fan_out(lambda s: s.Info(pb.InfoRequest(), timeout=60))
+        return ShardInfo(
+            model_id=r.model_id,
+            dtype=r.dtype,
+            device_type=r.device_type,
+            world_size=r.world_size,
+            tp_size=r.tp_size,
+            pp_size=r.pp_size,
+            engine=_ENGINES.get(r.engine, "unknown"),
+            block_size=r.block_size,
+            manages_kv_cache=r.manages_kv_cache,
+            vocab_size=r.vocab_size,
+            eos_token_ids=tuple(r.eos_token_ids),
+            max_batch_size=r.max_batch_size,
+            max_input_tokens=r.max_input_tokens,
+            max_total_tokens=r.max_total_tokens,
+            max_batch_prefill_tokens=r.max_batch_prefill_tokens,
+            supports_prefix_caching=r.supports_prefix_caching,
+            supports_prefill_logprobs=r.supports_prefill_logprobs,
+            max_top_n_tokens=r.max_top_n_tokens,
+            engine_version=r.engine_version,
+            urls=self.urls,
+        )
+
+    async def warmup(
+        self, *, max_input_tokens: int, max_total_tokens: int, max_batch_prefill_tokens: int, max_batch_size: int
+    ) -> pb.WarmupResponse:
+        req = pb.WarmupRequest(
+            max_input_tokens=max_input_tokens,
+            max_total_tokens=max_total_tokens,
+            max_batch_prefill_tokens=max_batch_prefill_tokens,
+            max_batch_size=max_batch_size,
+        )
+        # Warmup loads kernels, captures CUDA graphs and sizes the KV cache: minutes on a big model.
+        return await self._fan_out(lambda s: s.Warmup(req, timeout=1800))
+
+    async def prefill(self, requests: Sequence[pb.Request]) -> tuple[list[pb.Generation], int]:
+        req = pb.PrefillRequest(requests=requests)
+        resp = await self._fan_out(lambda s: s.Prefill(req))
+        return list(resp.generations), resp.timings.forward_ns
+
+    async def decode(
+        self, extensions: Iterable[tuple[int, Sequence[int]]], max_steps: int
+    ) -> tuple[list[pb.Generation], int]:
+        req = pb.DecodeRequest(
+            extensions=[pb.BlockExtension(request_id=i, blocks=b) for i, b in extensions], max_steps=max_steps
+        )
+        resp = await self._fan_out(lambda s: s.Decode(req))
+        return list(resp.generations), resp.timings.forward_ns
+
+    async def filter(self, remove_ids: Sequence[int]) -> None:
+        req = pb.FilterBatchRequest(remove_ids=remove_ids)
+        await self._fan_out(lambda s: s.FilterBatch(req))
+
+    async def clear(self) -> None:
+        await self._fan_out(lambda s: s.ClearCache(pb.ClearCacheRequest()))
+
+
+def to_pb_request(
+    *, request_id: int, req: GenerateRequest, input_ids: Sequence[int], blocks: Sequence[int],
+    prefix_len: int, generated_before: int,
+) -> pb.Request:
+    s = req.sampling
+    return pb.Request(
+        id=request_id,
+        input_ids=input_ids,
+        sampling=pb.SamplingParameters(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            typical_p=s.typical_p,
+            do_sample=s.do_sample,
+            seed=s.seed,
+            repetition_penalty=s.repetition_penalty,
+            frequency_penalty=s.frequency_penalty,
+        ),
+        stopping=pb.StoppingParameters(
+            max_new_tokens=req.max_new_tokens,
+            ignore_eos_token=req.ignore_eos_token,
+            stop_token_ids=req.stop_token_ids,
+        ),
+        blocks=blocks,
+        prefix_len=prefix_len,
+        top_n_tokens=req.top_n_tokens,
+        prefill_logprobs=req.prefill_logprobs,
+        generated_before=generated_before,
+    )
+
+
+def token_out(g: pb.Generation) -> TokenOut:
+    return TokenOut(
+        id=g.token_id,
+        logprob=g.logprob,
+        top_ids=tuple(g.top_tokens.ids),
+        top_logprobs=tuple(g.top_tokens.logprobs),
+        finish_reason=_FINISH.get(g.finish_reason),
+    )
+
+
+def prefill_out(g: pb.Generation) -> PrefillOut | None:
+    if not g.HasField("prefill_tokens"):
+        return None
+    return PrefillOut(ids=tuple(g.prefill_tokens.ids), logprobs=tuple(g.prefill_tokens.logprobs))

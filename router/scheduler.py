@@ -1,0 +1,307 @@
+"""Continuous batching: one asyncio task loops over small policy pieces.
+
+Each iteration: drop cancelled requests, maybe prefill newly admitted ones (they join the running
+batch), then run a decode call over the running batch. Prefill and decode are one loop (as in
+vLLM): a request's first token comes from Prefill, the rest from Decode. While nobody waits, one
+Decode call runs several steps (max_decode_steps) to amortize the RPC; as soon as a request waits,
+calls go back to one step so it joins within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+
+from router import metrics
+from router.client import ShardedClient, prefill_out, to_pb_request, token_out
+from router.errors import GenerationError, OverloadedError
+from router.handle import Entry, RequestHandle, State
+from router.kv_planner import KvPlanner
+from router.queue import WaitingQueue, should_prefill
+from router.types import GenerateRequest, Limits, ShardInfo
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        client: ShardedClient,
+        info: ShardInfo,
+        limits: Limits,
+        max_batch_size: int | None,
+        waiting_served_ratio: float,
+        max_waiting_tokens: int,
+        max_decode_steps: int,
+        prefix_caching: bool,
+    ) -> None:
+        self.client = client
+        self.info = info
+        self.limits = limits
+        self.max_batch_size = max_batch_size
+        self.waiting_served_ratio = waiting_served_ratio
+        self.max_waiting_tokens = max_waiting_tokens
+        self.max_decode_steps = max(1, max_decode_steps)
+        self.paged = not info.manages_kv_cache
+        self.kv = (
+            KvPlanner(
+                num_blocks=info.num_blocks,
+                block_size=info.block_size,
+                prefix_caching=prefix_caching and info.supports_prefix_caching,
+            )
+            if self.paged
+            else None
+        )
+        self.waiting: WaitingQueue[Entry] = WaitingQueue()
+        self.running: list[Entry] = []
+        self._cancelled: list[Entry] = []
+        self._ids = itertools.count(1)
+        self._admissions = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._steps_since_prefill = 0
+        self._lookup_tokens = 0  # prompt tokens looked up in / found in the prefix cache
+        self._hit_tokens = 0
+
+    # -- HTTP side --------------------------------------------------------------------------------
+    def submit(self, request: GenerateRequest) -> RequestHandle:
+        if len(self.waiting) + len(self.running) >= self.limits.max_concurrent_requests:
+            raise OverloadedError("Model is overloaded")
+        request_id = next(self._ids)
+        entry: Entry
+        handle = RequestHandle(request_id, on_cancel=lambda: self._cancel(entry))
+        entry = Entry(id=request_id, request=request, handle=handle)
+        self.waiting.push(entry)
+        metrics.QUEUE_SIZE.set(len(self.waiting))
+        self._wakeup.set()
+        return handle
+
+    def _cancel(self, entry: Entry) -> None:
+        if entry.state is State.WAITING and self.waiting.remove(entry):
+            entry.state = State.DONE
+            metrics.QUEUE_SIZE.set(len(self.waiting))
+        elif entry.state is State.RUNNING:
+            self._cancelled.append(entry)  # leaves the batch before the next step
+            self._wakeup.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for entry in [*self.running, *self.waiting]:
+            entry.handle.fail(GenerationError("server is shutting down"))
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.running and not self.waiting and not self._cancelled:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            try:
+                await self._iteration()
+            except GenerationError as e:
+                await self._fail_all(e)
+            except Exception as e:  # the loop must survive anything: fail the work, keep serving
+                log.exception("scheduler iteration failed")
+                await self._fail_all(GenerationError(f"internal error: {e!r}"))
+
+    async def _iteration(self) -> None:
+        await self._drop_cancelled()
+        if self.waiting and should_prefill(
+            waiting=len(self.waiting),
+            running=len(self.running),
+            steps_since_prefill=self._steps_since_prefill,
+            waiting_served_ratio=self.waiting_served_ratio,
+            max_waiting_tokens=self.max_waiting_tokens,
+        ):
+            batch = self._admit()
+            if batch:
+                await self._prefill(batch)
+                self._steps_since_prefill = 0
+            elif not self.running:
+                # Nothing runs and the head of the queue does not fit: it never will.
+                head = self.waiting.pop()
+                if head is not None:
+                    head.state = State.DONE
+                    head.handle.fail(GenerationError("request does not fit in the KV cache"))
+        if self.running:
+            await self._decode(1 if self.waiting else self.max_decode_steps)
+            self._steps_since_prefill += 1
+        self._update_gauges()
+
+    # -- policy pieces ----------------------------------------------------------------------------
+    def _admit(self) -> list[tuple[Entry, list[int], int]]:
+        """Takes waiting entries (FIFO, no skipping) while they fit; returns (entry, blocks, prefix_len)."""
+        batch: list[tuple[Entry, list[int], int]] = []
+        prefill_tokens = 0
+        budget_tokens = sum(e.request.max_new_tokens + len(e.request.input_ids) for e in self.running)
+        while (entry := self.waiting.peek()) is not None:
+            if self.max_batch_size is not None and len(self.running) + len(batch) >= self.max_batch_size:
+                break
+            n = len(entry.tokens)
+            if batch and prefill_tokens + n > self.limits.max_batch_prefill_tokens:
+                break
+            total = len(entry.request.input_ids) + entry.request.max_new_tokens
+            if not self.paged and budget_tokens + total > self.limits.max_batch_total_tokens:
+                break  # engines that own their KV cache are admitted by token budget only
+            blocks: list[int] = []
+            prefix_len = 0
+            if self.kv is not None:
+                placement = self.kv.place(entry)
+                if placement is None:
+                    break
+                blocks, prefix_len = placement.blocks, placement.prefix_len
+            self.waiting.pop()
+            prefill_tokens += n - prefix_len
+            budget_tokens += total
+            batch.append((entry, blocks, prefix_len))
+        metrics.QUEUE_SIZE.set(len(self.waiting))
+        return batch
+
+    def _plan_growth(self, steps: int) -> list[tuple[int, list[int]]]:
+        """Blocks for `steps` more tokens per running entry; preempts the newest entries when short."""
+        if self.kv is None:
+            return []
+        extensions: list[tuple[int, list[int]]] = []
+        for entry in sorted(self.running, key=lambda e: e.admitted_at):
+            if entry.state is not State.RUNNING:
+                continue  # preempted below while planning an older entry
+            while (fresh := self.kv.grow(entry, steps)) is None:
+                victim = max((e for e in self.running if e.state is State.RUNNING), key=lambda e: e.admitted_at)
+                self._preempt(victim)
+                if victim is entry:
+                    break
+            if fresh:
+                extensions.append((entry.id, fresh))
+        return [(i, b) for i, b in extensions if self._by_id(i) is not None]
+
+    def _preempt(self, entry: Entry) -> None:
+        """Recompute-style preemption: free the blocks (cached for a cheap re-prefill), requeue first."""
+        log.info("preempting request %d (%d tokens) for lack of KV blocks", entry.id, len(entry.tokens))
+        assert self.kv is not None
+        self.kv.release(entry, cache_it=True)
+        entry.state = State.WAITING
+        self.running.remove(entry)
+        self._cancelled.append(entry)  # the shard must forget it too
+        self.waiting.push_front(entry)
+
+    def _by_id(self, request_id: int) -> Entry | None:
+        return next((e for e in self.running if e.id == request_id), None)
+
+    # -- RPCs -------------------------------------------------------------------------------------
+    async def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        gone, self._cancelled = self._cancelled, []
+        await self.client.filter([e.id for e in gone])
+        for entry in gone:
+            if entry.state is State.RUNNING:  # preempted entries are WAITING and keep their place
+                self._finish(entry, cache_it=True)
+
+    async def _prefill(self, batch: Sequence[tuple[Entry, list[int], int]]) -> None:
+        requests = []
+        for entry, blocks, prefix_len in batch:
+            entry.blocks = blocks
+            entry.state = State.RUNNING
+            entry.admitted_at = next(self._admissions)
+            if entry.handle.times.started is None:
+                entry.handle.times.started = time.monotonic()
+            requests.append(
+                to_pb_request(
+                    request_id=entry.id,
+                    req=entry.request,
+                    input_ids=entry.tokens,
+                    blocks=blocks,
+                    prefix_len=prefix_len,
+                    generated_before=len(entry.generated),
+                )
+            )
+            self.running.append(entry)
+        looked_up, hit = sum(len(e.tokens) for e, _, _ in batch), sum(p for _, _, p in batch)
+        self._lookup_tokens += looked_up
+        self._hit_tokens += hit
+        metrics.PREFIX_CACHE_LOOKUP_TOKENS.inc(looked_up)
+        metrics.PREFIX_CACHE_HIT_TOKENS.inc(hit)
+        start = time.monotonic()
+        generations, _ = await self.client.prefill(requests)
+        metrics.BATCH_INFERENCE_DURATION.labels(method="prefill").observe(time.monotonic() - start)
+        metrics.BATCH_INFERENCE_COUNT.labels(method="prefill").inc()
+        for (entry, _, _), gen in zip(batch, generations, strict=True):
+            entry.kv_len = len(entry.tokens)
+            if entry.handle.prefill is None:
+                entry.handle.prefill = prefill_out(gen)
+            self._deliver(entry, gen)
+
+    async def _decode(self, steps: int) -> None:
+        extensions = self._plan_growth(steps)
+        await self._drop_cancelled()  # preemptions from planning
+        if not self.running:
+            return
+        start = time.monotonic()
+        generations, _ = await self.client.decode(extensions, steps)
+        metrics.BATCH_INFERENCE_DURATION.labels(method="decode").observe(time.monotonic() - start)
+        metrics.BATCH_INFERENCE_COUNT.labels(method="decode").inc()
+        by_id = {e.id: e for e in self.running}
+        for gen in generations:
+            entry = by_id.get(gen.request_id)
+            if entry is None or entry.state is not State.RUNNING:
+                continue  # cancelled or finished meanwhile: the shard's extra tokens are dropped
+            entry.kv_len += 1  # this step wrote the previous token's K/V
+            self._deliver(entry, gen)
+
+    def _deliver(self, entry: Entry, gen) -> None:  # gen: pb.Generation
+        out = token_out(gen)
+        entry.generated.append(out.id)
+        if entry.handle.closed:  # cancelled by the client or by a stop sequence
+            if entry not in self._cancelled:
+                self._cancelled.append(entry)
+            return
+        entry.handle.push(out)
+        if out.finish_reason is not None:
+            self._finish(entry, cache_it=True)  # the shard dropped it already
+
+    def _finish(self, entry: Entry, *, cache_it: bool) -> None:
+        entry.state = State.DONE
+        if entry in self.running:
+            self.running.remove(entry)
+        if self.kv is not None:
+            self.kv.release(entry, cache_it=cache_it)
+
+    async def _fail_all(self, error: GenerationError) -> None:
+        log.error("generation failed for %d running requests: %s", len(self.running), error)
+        for entry in list(self.running):
+            entry.handle.fail(error)
+            self._finish(entry, cache_it=False)
+        self._cancelled = []
+        try:
+            await self.client.clear()
+        except GenerationError:
+            log.exception("ClearCache failed after a generation error")
+        if self.kv is not None and self.kv.cache is not None:
+            # The shard may have lost its KV state: cached prefixes are no longer trustworthy.
+            self.kv.cache.evict(self.kv.cache.cached_blocks)
+
+    def _update_gauges(self) -> None:
+        metrics.BATCH_CURRENT_SIZE.set(len(self.running))
+        metrics.BATCH_CURRENT_MAX_TOKENS.set(
+            sum(len(e.request.input_ids) + e.request.max_new_tokens for e in self.running)
+        )
+        if self.kv is not None:
+            metrics.KV_BLOCKS_USED.set(self.kv.allocator.used_count)
+            metrics.KV_BLOCKS_FREE.set(self.kv.allocator.free_count)
+            if self._lookup_tokens:
+                metrics.PREFIX_CACHE_HIT_RATE.set(self._hit_tokens / self._lookup_tokens)

@@ -1,0 +1,114 @@
+"""Host-side construction of ForwardBatch objects (shapes in shard/native/forward.py).
+
+Prefill batches are built from Python lists once per Prefill call. Decode batches are built once
+per change of the running set and then advanced on the device (positions += 1, slots recomputed
+from the block table), so a steady decode step does no host-to-device copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from shard.native.forward import ForwardBatch
+
+
+def _pad_block_tables(tables: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    out = np.zeros((len(tables), max(width, 1)), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out
+
+
+def build_prefill(
+    *,
+    new_tokens: Sequence[Sequence[int]],
+    prefix_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    all_logits: Sequence[bool],
+    block_size: int,
+    device: torch.device,
+) -> ForwardBatch:
+    """new_tokens[b] are the tokens of sequence b from position prefix_lens[b] on.
+    Logits rows: the last new token of each sequence, or all of them where all_logits[b]."""
+    lens = np.array([len(t) for t in new_tokens], dtype=np.int64)
+    prefix = np.array(prefix_lens, dtype=np.int64)
+    cu = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    positions = np.concatenate([np.arange(p, p + n) for p, n in zip(prefix, lens, strict=True)])
+    seq_index = np.repeat(np.arange(len(lens)), lens)
+    width = max(len(t) for t in block_tables)
+    tables = _pad_block_tables(block_tables, width)
+    slots = tables[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    rows = [
+        np.arange(cu[b], cu[b + 1]) if all_logits[b] else np.array([cu[b + 1] - 1]) for b in range(len(lens))
+    ]
+    ids = np.fromiter((t for seq in new_tokens for t in seq), dtype=np.int64, count=int(cu[-1]))
+    seq_lens = prefix + lens
+
+    def dev(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(a).to(device=device, dtype=dtype, non_blocking=True)
+
+    return ForwardBatch(
+        input_ids=dev(ids, torch.int64),
+        positions=dev(positions, torch.int64),
+        slot_mapping=dev(slots, torch.int64),
+        block_tables=dev(tables, torch.int32),
+        seq_lens=dev(seq_lens, torch.int32),
+        cu_seqlens_q=dev(cu, torch.int32),
+        logits_indices=dev(np.concatenate(rows), torch.int64),
+        is_prefill=True,
+        max_seqlen_q=int(lens.max()),
+        max_seqlen_k=int(seq_lens.max()),
+    )
+
+
+class DecodeBatch:
+    """Device-resident decode inputs for a fixed running set, advanced in place each step.
+
+    input_ids (B,) holds each sequence's pending token (sampled, K/V not yet written);
+    positions (B,) its position = tokens already in the cache.
+    """
+
+    def __init__(
+        self,
+        *,
+        last_tokens: Sequence[int],
+        kv_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        b = len(last_tokens)
+        self.block_size = block_size
+        self.input_ids = torch.tensor(last_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.tensor(kv_lens, dtype=torch.int64, device=device)
+        width = max(len(t) for t in block_tables)
+        self.block_tables = torch.from_numpy(_pad_block_tables(block_tables, width)).to(device)
+        self.cu_seqlens_q = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(b, dtype=torch.int64, device=device)
+        self.max_kv = max(kv_lens)
+
+    def forward_batch(self) -> ForwardBatch:
+        pos = self.positions
+        block = self.block_tables.gather(1, (pos // self.block_size).unsqueeze(1)).squeeze(1)
+        return ForwardBatch(
+            input_ids=self.input_ids,
+            positions=pos,
+            slot_mapping=block.to(torch.int64) * self.block_size + pos % self.block_size,
+            block_tables=self.block_tables,
+            seq_lens=(pos + 1).to(torch.int32),
+            cu_seqlens_q=self.cu_seqlens_q,
+            logits_indices=self.logits_indices,
+            is_prefill=False,
+            max_seqlen_q=1,
+            max_seqlen_k=self.max_kv + 1,
+        )
+
+    def advance(self, sampled: torch.Tensor) -> None:
+        """After a step: the sampled tokens become pending, every sequence grew by one."""
+        self.input_ids.copy_(sampled)
+        self.positions.add_(1)
+        self.max_kv += 1

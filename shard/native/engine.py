@@ -1,0 +1,425 @@
+"""NativeEngine: the PyTorch engine behind the shard's gRPC API (shard/engine/base.py).
+
+Per-request state lives here (tokens, block table, sampling state); the router decides who runs
+and owns block allocation. Every TP rank runs the same steps; rank 0's sampled ids are broadcast
+so all ranks feed identical tokens into the next step even if sampling were to diverge.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from shard.engine.base import InvalidRequestError, OutOfResourcesError
+from shard.engine.types import (
+    EngineInfo,
+    EngineKind,
+    FinishReason,
+    Generation,
+    NewRequest,
+    SamplingParams,
+    StepResult,
+    StoppingParams,
+    TopTokens,
+    WarmupResult,
+    WarmupSpec,
+)
+from shard.native.batch import DecodeBatch, build_prefill
+from shard.native.config import ModelConfig
+from shard.native.kv_cache import KVCache, kv_bytes_per_block
+from shard.native.memory import plan_kv_blocks
+from shard.native.sampler import Sampler, SamplingBatch, SamplingRow, make_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class SeqState:
+    """Invariant: the cache holds K/V of tokens[:kv_len]; tokens[-1] is pending once generated."""
+
+    id: int
+    tokens: list[int]
+    blocks: list[int]
+    kv_len: int
+    sampling: SamplingParams
+    stopping: StoppingParams
+    top_n: int
+    generated: int  # including generated_before
+    generator: torch.Generator | None
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def finish_reason(self, token: int) -> FinishReason | None:
+        if token in self.stop_ids:
+            return FinishReason.EOS_TOKEN
+        if self.generated >= self.stopping.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What the engine needs from the shard config (kept small so tests can build engines)."""
+
+    model_id: str
+    block_size: int = 16
+    kv_cache_fraction: float = 0.9
+    kv_cache_tokens: int = 0
+    cuda_graphs: bool = True
+    max_total_tokens: int = 0
+
+
+class NativeEngine:
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        options: RuntimeOptions,
+        device: torch.device,
+        dtype: torch.dtype,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        tp_group: object | None = None,
+        world_size: int = 1,
+    ) -> None:
+        self.model = model
+        self.mc = model_config
+        self.opt = options
+        self.device = device
+        self.dtype = dtype
+        self.tp_rank, self.tp_size, self.tp_group, self.world_size = tp_rank, tp_size, tp_group, world_size
+        self.block_size = options.block_size
+        self.kv: KVCache | None = None
+        self.seqs: dict[int, SeqState] = {}
+        self.sampler = Sampler(model_config.vocab_size, device)
+        self._decode_batch: DecodeBatch | None = None
+        self._decode_order: list[int] = []
+        self._sampling_batch: SamplingBatch | None = None  # rows in _decode_order; penalties see new tokens
+        self._graphs = None  # GraphedDecode once captured (CUDA only)
+        self._healthy = True
+
+    @classmethod
+    def create(cls, config, dist) -> NativeEngine:  # (ShardConfig, DistContext): shard/config.py, shard/dist.py
+        from shard.native.loader import load_model, resolve_dtype
+        from shard.native.tp import TPGroup
+
+        device = dist.device
+        dtype = resolve_dtype(config.dtype, device)
+        tp = TPGroup(rank=dist.tp_rank, size=dist.tp_size, group=getattr(dist, "tp_group", None))
+        attention = None
+        if device.type == "cuda":
+            from shard.native.attention import get_attention_backend
+
+            attention = get_attention_backend("triton")
+        model, mc = load_model(
+            config.model_id,
+            dtype=dtype,
+            device=device,
+            tp=tp,
+            load_format=config.load_format,
+            cache_dir=config.cache_dir or None,
+            attention=attention,
+            seed=config.seed,
+        )
+        options = RuntimeOptions(
+            model_id=config.model_id,
+            block_size=config.block_size,
+            kv_cache_fraction=config.kv_cache_fraction,
+            kv_cache_tokens=config.kv_cache_tokens,
+            cuda_graphs=config.cuda_graphs and device.type == "cuda",
+            max_total_tokens=config.max_total_tokens,
+        )
+        return cls(
+            model=model,
+            model_config=mc,
+            options=options,
+            device=device,
+            dtype=dtype,
+            tp_rank=dist.tp_rank,
+            tp_size=dist.tp_size,
+            tp_group=getattr(dist, "tp_group", None),
+            world_size=dist.world_size,
+        )
+
+    # -- Engine protocol --------------------------------------------------------------------------
+    def info(self) -> EngineInfo:
+        max_total = self.mc.max_position_embeddings
+        if self.opt.max_total_tokens:
+            max_total = min(max_total, self.opt.max_total_tokens)
+        return EngineInfo(
+            model_id=self.opt.model_id,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device_type=self.device.type,
+            world_size=self.world_size,
+            tp_size=self.tp_size,
+            pp_size=1,
+            engine=EngineKind.NATIVE,
+            block_size=self.block_size,
+            manages_kv_cache=False,
+            vocab_size=self.mc.vocab_size,
+            eos_token_ids=tuple(self.mc.eos_token_ids),
+            max_total_tokens=max_total,
+            engine_version=f"torch {torch.__version__}",
+        )
+
+    def warmup(self, spec: WarmupSpec) -> WarmupResult:
+        self.clear()
+        self.kv = None
+        self._graphs = None
+        per_block = kv_bytes_per_block(
+            num_layers=self.mc.num_layers,
+            block_size=self.block_size,
+            num_kv_heads=self.mc.num_kv_heads // self.tp_size,
+            head_dim=self.mc.head_dim,
+            dtype=self.dtype,
+        )
+        num_blocks = plan_kv_blocks(
+            engine=self, spec=spec, bytes_per_block=per_block, block_size=self.block_size, options=self.opt
+        )
+        min_blocks = math.ceil((spec.max_total_tokens + 1) / self.block_size)
+        if num_blocks < min_blocks:
+            raise OutOfResourcesError(
+                f"the KV cache fits {num_blocks * self.block_size} tokens, fewer than one request of "
+                f"--max-total-tokens {spec.max_total_tokens}: lower --max-total-tokens or raise "
+                f"--kv-cache-fraction / --kv-cache-tokens"
+            )
+        # One extra block at the end is scratch for padded rows of captured decode graphs; the
+        # router never sees it.
+        self.kv = KVCache.allocate(
+            num_layers=self.mc.num_layers,
+            num_blocks=num_blocks + 1,
+            block_size=self.block_size,
+            num_kv_heads=self.mc.num_kv_heads // self.tp_size,
+            head_dim=self.mc.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        if self.opt.cuda_graphs and self.device.type == "cuda":
+            self._capture_graphs(spec, num_blocks)
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                 num_blocks * per_block / 2**30)
+        return WarmupResult(
+            num_blocks=num_blocks, block_size=self.block_size, max_supported_total_tokens=num_blocks * self.block_size
+        )
+
+    def _capture_graphs(self, spec: WarmupSpec, num_blocks: int) -> None:
+        from shard.native.cuda_graphs import GraphedDecode
+
+        assert self.kv is not None
+        kv = self.kv
+        max_bs = spec.max_batch_size or 256
+        self._graphs = GraphedDecode(
+            lambda batch: self.model(batch, kv),
+            max_batch_size=min(max_bs, 256),
+            max_blocks_per_seq=math.ceil((spec.max_total_tokens + 1) / self.block_size),
+            vocab_size=self.mc.vocab_size,
+            device=self.device,
+            scratch_slot=num_blocks * self.block_size,
+        )
+
+    @torch.inference_mode()
+    def prefill(self, requests: Sequence[NewRequest]) -> StepResult:
+        if self.kv is None:
+            raise InvalidRequestError("Prefill before Warmup")
+        new = [self._admit(r) for r in requests]
+        start = time.perf_counter_ns()
+        batch = build_prefill(
+            new_tokens=[s.tokens[r.prefix_len :] for s, r in zip(new, requests, strict=True)],
+            prefix_lens=[r.prefix_len for r in requests],
+            block_tables=[s.blocks for s in new],
+            all_logits=[r.prefill_logprobs for r in requests],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        logits = self.model(batch, self.kv)  # (L, V) float32
+        # The last logits row of each sequence picks its first token.
+        rows, prompt_logprobs, offset = [], [], 0
+        for s, r in zip(new, requests, strict=True):
+            n = len(s.tokens) - r.prefix_len if r.prefill_logprobs else 1
+            if r.prefill_logprobs:
+                prompt_logprobs.append(self._prompt_logprobs(logits[offset : offset + n], s.tokens))
+            else:
+                prompt_logprobs.append(None)
+            offset += n
+            rows.append(offset - 1)
+        for s in new:
+            s.kv_len = len(s.tokens)
+            self.seqs[s.id] = s
+        gens = self._sample_and_step(new, logits[torch.tensor(rows, device=logits.device)])
+        forward_ns = time.perf_counter_ns() - start
+        gens = [
+            g if p is None else _with_prefill(g, p) for g, p in zip(gens, prompt_logprobs, strict=True)
+        ]
+        self._decode_batch = None  # the running set changed
+        return StepResult(generations=gens, steps=1, forward_ns=forward_ns)
+
+    @torch.inference_mode()
+    def decode(self, extensions: dict[int, Sequence[int]], max_steps: int) -> StepResult:
+        for rid, blocks in extensions.items():
+            seq = self.seqs.get(rid)
+            if seq is None:
+                raise InvalidRequestError(f"Decode: unknown request id {rid} in block extensions")
+            seq.blocks.extend(blocks)
+        if extensions:
+            self._decode_batch = None
+        start = time.perf_counter_ns()
+        out: list[Generation] = []
+        steps = 0
+        while steps < max(1, max_steps) and self.seqs:
+            out.extend(self._decode_step())
+            steps += 1
+        return StepResult(generations=out, steps=steps, forward_ns=time.perf_counter_ns() - start)
+
+    def filter(self, remove_ids: Sequence[int]) -> int:
+        for rid in remove_ids:
+            if self.seqs.pop(rid, None) is not None:
+                self._decode_batch = None
+        return len(self.seqs)
+
+    def clear(self) -> None:
+        self.seqs.clear()
+        self._decode_batch = None
+
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def shutdown(self) -> None:
+        self.clear()
+        self._graphs = None
+        self.kv = None
+
+    # -- internals --------------------------------------------------------------------------------
+    def _admit(self, r: NewRequest) -> SeqState:
+        if r.id in self.seqs:
+            raise InvalidRequestError(f"Prefill: request id {r.id} is already running")
+        if not r.input_ids:
+            raise InvalidRequestError(f"Prefill: request {r.id} has no input tokens")
+        need = math.ceil((len(r.input_ids) + 1) / self.block_size)
+        if len(r.blocks) < need:
+            raise InvalidRequestError(
+                f"Prefill: request {r.id} has {len(r.blocks)} blocks, needs {need} for {len(r.input_ids)} tokens"
+            )
+        if r.prefix_len % self.block_size or r.prefix_len >= len(r.input_ids):
+            raise InvalidRequestError(f"Prefill: request {r.id} has an invalid prefix_len {r.prefix_len}")
+        assert self.kv is not None
+        if max(r.blocks) >= self.kv.num_blocks - 1:
+            raise InvalidRequestError(f"Prefill: request {r.id} names a block beyond the cache")
+        stop_ids = frozenset() if r.stopping.ignore_eos_token else frozenset(
+            (*self.mc.eos_token_ids, *r.stopping.stop_token_ids)
+        )
+        return SeqState(
+            id=r.id,
+            tokens=list(r.input_ids),
+            blocks=list(r.blocks),
+            kv_len=r.prefix_len,
+            sampling=r.sampling,
+            stopping=r.stopping,
+            top_n=r.top_n_tokens,
+            generated=r.generated_before,
+            generator=make_generator(r.sampling.seed, self.device) if r.sampling.do_sample else None,
+            stop_ids=stop_ids,
+        )
+
+    def _decode_step(self) -> list[Generation]:
+        if self._decode_batch is None:
+            order = list(self.seqs)
+            for rid in order:
+                s = self.seqs[rid]
+                if len(s.blocks) * self.block_size <= s.kv_len:
+                    raise InvalidRequestError(f"Decode: request {rid} has no room for its next token")
+            self._decode_order = order
+            self._sampling_batch = None
+            self._decode_batch = DecodeBatch(
+                last_tokens=[self.seqs[r].tokens[-1] for r in order],
+                kv_lens=[self.seqs[r].kv_len for r in order],
+                block_tables=[self.seqs[r].blocks for r in order],
+                block_size=self.block_size,
+                device=self.device,
+            )
+        db = self._decode_batch
+        seqs = [self.seqs[r] for r in self._decode_order]
+        for s in seqs:  # a sequence may outgrow its blocks within a multi-step call
+            if len(s.blocks) * self.block_size <= s.kv_len:
+                raise InvalidRequestError(f"Decode: request {s.id} ran out of KV blocks")
+        batch = db.forward_batch()
+        if self._graphs is not None and self._graphs.supports(batch):
+            logits = self._graphs(batch)
+        else:
+            assert self.kv is not None
+            logits = self.model(batch, self.kv)
+        for s in seqs:
+            s.kv_len += 1
+        if self._sampling_batch is None:
+            self._sampling_batch = self._sampling_batch_for(seqs)
+        gens, sampled = self._sample(seqs, logits, self._sampling_batch)
+        db.advance(sampled)
+        self._sampling_batch.update_history(sampled)
+        if any(g.finish_reason is not None for g in gens):
+            for g in gens:
+                if g.finish_reason is not None:
+                    self.seqs.pop(g.request_id, None)
+            self._decode_batch = None
+        return gens
+
+    def _sample_and_step(self, seqs: list[SeqState], logits: torch.Tensor) -> list[Generation]:
+        batch = self._sampling_batch_for(seqs)
+        gens, _ = self._sample(seqs, logits, batch)
+        for g in gens:
+            if g.finish_reason is not None:
+                self.seqs.pop(g.request_id, None)
+        return gens
+
+    def _sampling_batch_for(self, seqs: list[SeqState]) -> SamplingBatch:
+        rows = [
+            SamplingRow(params=s.sampling, history=s.tokens, generator=s.generator, top_n=s.top_n) for s in seqs
+        ]
+        return SamplingBatch.prepare(rows, vocab_size=self.mc.vocab_size, device=self.device)
+
+    def _sample(
+        self, seqs: list[SeqState], logits: torch.Tensor, batch: SamplingBatch
+    ) -> tuple[list[Generation], torch.Tensor]:
+        out = self.sampler(logits, batch)
+        ids = out.token_ids
+        if self.tp_size > 1:
+            # All ranks must feed identical ids into the next step: rank 0's choice wins.
+            import torch.distributed as dist
+
+            src = dist.get_global_rank(self.tp_group, 0) if self.tp_group is not None else 0
+            dist.broadcast(ids, src=src, group=self.tp_group)
+        rows = out.to_host()  # the one device-to-host copy per step
+        gens = []
+        for s, row, tok in zip(seqs, rows, ids.tolist() if self.tp_size > 1 else (r.token_id for r in rows),
+                               strict=True):
+            s.tokens.append(tok)
+            s.generated += 1
+            gens.append(
+                Generation(
+                    request_id=s.id,
+                    token_id=tok,
+                    logprob=row.logprob,
+                    generated_tokens=s.generated,
+                    seed=s.sampling.seed,
+                    finish_reason=s.finish_reason(tok),
+                    top_tokens=TopTokens(ids=row.top_ids, logprobs=row.top_logprobs),
+                )
+            )
+        return gens, ids
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, tokens: list[int]) -> TopTokens:
+        """Logprob of each prompt token given the ones before it (NaN for the first)."""
+        n = logits.shape[0]  # one row per prompt token
+        targets = torch.tensor(tokens[1:n], device=logits.device)
+        lp = torch.log_softmax(logits[: n - 1].float(), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        return TopTokens(ids=tuple(tokens[:n]), logprobs=(float("nan"), *lp.tolist()))
+
+
+def _with_prefill(g: Generation, p: TopTokens) -> Generation:
+    from dataclasses import replace
+
+    return replace(g, prefill_tokens=p)

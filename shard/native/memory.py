@@ -1,0 +1,93 @@
+"""Sizing the paged KV cache at Warmup.
+
+CPU: a token budget (--kv-cache-tokens), by default enough for many full-length requests but never
+more than a quarter of the machine's available memory.
+CUDA: run the largest prefill the router will send against a throw-away cache to measure the
+activation peak, then give the KV cache `kv_cache_fraction` of what is free after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from shard.engine.types import WarmupSpec
+
+if TYPE_CHECKING:
+    from shard.native.engine import NativeEngine, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_REQUESTS = 8  # full-length requests the default CPU budget holds
+
+
+def _available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def plan_kv_blocks(
+    *, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, block_size: int, options: RuntimeOptions
+) -> int:
+    if options.kv_cache_tokens:
+        return math.ceil(options.kv_cache_tokens / block_size)
+    if engine.device.type != "cuda":
+        want = CPU_DEFAULT_REQUESTS * (spec.max_total_tokens + block_size)
+        cap = _available_host_bytes() // 4 // bytes_per_block
+        return int(min(math.ceil(want / block_size), cap))
+    return _plan_cuda(engine=engine, spec=spec, bytes_per_block=bytes_per_block, options=options)
+
+
+@torch.inference_mode()
+def _plan_cuda(*, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, options: RuntimeOptions) -> int:
+    from shard.native.batch import build_prefill
+    from shard.native.kv_cache import KVCache
+
+    mc, bs = engine.mc, engine.block_size
+    tokens = max(1, min(spec.max_batch_prefill_tokens, 32768))
+    scratch_blocks = math.ceil((tokens + 1) / bs)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(engine.device)
+    scratch = KVCache.allocate(
+        num_layers=mc.num_layers,
+        num_blocks=scratch_blocks,
+        block_size=bs,
+        num_kv_heads=mc.num_kv_heads // engine.tp_size,
+        head_dim=mc.head_dim,
+        dtype=engine.dtype,
+        device=engine.device,
+    )
+    # One sequence of `tokens` random ids: the largest single prefill the router may send.
+    ids = torch.randint(0, mc.vocab_size, (tokens,)).tolist()
+    batch = build_prefill(
+        new_tokens=[ids],
+        prefix_lens=[0],
+        block_tables=[list(range(scratch_blocks))],
+        all_logits=[False],
+        block_size=bs,
+        device=engine.device,
+    )
+    engine.model(batch, scratch)
+    torch.cuda.synchronize(engine.device)
+    peak = torch.cuda.max_memory_allocated(engine.device)
+    del scratch, batch
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(engine.device)
+    in_use = torch.cuda.memory_allocated(engine.device)
+    activation_headroom = max(0, peak - in_use)
+    budget = int((free - activation_headroom) * options.kv_cache_fraction)
+    log.info(
+        "warmup prefill of %d tokens: peak %.2f GiB, free %.2f of %.2f GiB, KV budget %.2f GiB",
+        tokens, peak / 2**30, free / 2**30, total / 2**30, budget / 2**30,
+    )
+    return max(0, budget // bytes_per_block)
