@@ -98,3 +98,18 @@ class ShardInfo:
     num_blocks: int = 0
     max_supported_total_tokens: int = 0
     urls: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits validation enforces: the router's flags, capped by what the shard reported."""
+
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    max_client_batch_size: int
+    max_concurrent_requests: int

@@ -174,7 +174,7 @@ class NativeEngine:
         per_block = kv_bytes_per_block(
             num_layers=self.mc.num_layers,
             block_size=self.block_size,
-            num_kv_heads=self.mc.num_kv_heads // self.tp_size,
+            num_kv_heads=self.model.num_local_kv_heads,
             head_dim=self.mc.head_dim,
             dtype=self.dtype,
         )
@@ -194,7 +194,7 @@ class NativeEngine:
             num_layers=self.mc.num_layers,
             num_blocks=num_blocks + 1,
             block_size=self.block_size,
-            num_kv_heads=self.mc.num_kv_heads // self.tp_size,
+            num_kv_heads=self.model.num_local_kv_heads,
             head_dim=self.mc.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -219,6 +219,7 @@ class NativeEngine:
             max_blocks_per_seq=math.ceil((spec.max_total_tokens + 1) / self.block_size),
             vocab_size=self.mc.vocab_size,
             device=self.device,
+            block_size=self.block_size,
             scratch_slot=num_blocks * self.block_size,
         )
 

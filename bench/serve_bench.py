@@ -1,0 +1,390 @@
+"""HTTP serving benchmark (like `vllm bench serve`) against /generate_stream (TGI's SSE).
+
+    python -m bench.serve_bench --base-url http://127.0.0.1:3000 --presets 128/128 --concurrency 1,16
+    python -m bench.serve_bench --launch "--max-input-tokens 2048 --max-total-tokens 4096"
+
+Prompts: random token ids decoded with the model's tokenizer, re-encoded, then trimmed or padded
+and re-checked until the text encodes (as the router encodes it, special tokens included) to
+exactly the preset's input length; the length actually reached is recorded per request. Output
+length: `parameters.max_new_tokens` plus an ignore-EOS field (--ignore-eos-field; dropped silently
+by a router that does not know it); the tokens actually generated (details.generated_tokens) are
+what every throughput counts, and `exact_output_fraction` says how many requests reached the
+preset's length. Greedy decoding.
+
+Per level (preset x concurrency): TTFT, TPOT = (e2e - ttft)/(out - 1), ITL (every gap between
+token events) and e2e latency at mean/p50/p90/p99, request and output-token throughput.
+Concurrency "inf" sends all prompts of the level at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import random
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import RequestRecord, aggregate, format_table, machine_facts, results_path, write_results
+
+PRESETS = ("128/128", "1000/1000", "2048/128", "1024/128")
+SAMPLES_PER_LEVEL = 5000  # ITL samples kept per level for CDF plots
+
+
+# ----------------------------------------------------------------------------------- prompts
+
+
+def exact_prompt(
+    tok: Any, length: int, rng: random.Random, *, vocab: Sequence[int], tries: int = 20
+) -> tuple[str, int]:
+    """(text, n) where tok.encode(text) has n tokens, n == length unless `tries` rounds of
+    trim/pad did not converge (then the closest seen). `tok` has encode(text, add_special_tokens)
+    and decode(ids) (router.tokenizer.Tokenizer)."""
+    n_special = len(tok.encode("", add_special_tokens=True))  # BOS etc. the router adds
+    if length <= n_special:
+        raise ValueError(f"a prompt of {length} tokens has no room for text beside {n_special} special token(s)")
+    ids = [rng.choice(vocab) for _ in range(length - n_special)]
+    best: tuple[str, int] | None = None
+    for _ in range(tries):
+        text = tok.decode(ids)
+        n = len(tok.encode(text, add_special_tokens=True))
+        if best is None or abs(n - length) < abs(best[1] - length):
+            best = (text, n)
+        if n == length:
+            break
+        core = tok.encode(text, add_special_tokens=False)
+        want = length - n_special
+        ids = core[:want] if len(core) > want else core + [rng.choice(vocab) for _ in range(want - len(core))]
+    assert best is not None
+    return best
+
+
+def plain_vocab(tok: Any) -> list[int]:
+    """Ids of ordinary tokens (not special), the alphabet random prompts are drawn from."""
+    return [i for i in range(tok.vocab_size) if not tok.is_special(i)]
+
+
+# ----------------------------------------------------------------------------------- one request
+
+
+async def stream_one(
+    session: Any,
+    url: str,
+    *,
+    prompt: str,
+    input_tokens: int,
+    max_new_tokens: int,
+    extra_params: dict[str, Any],
+) -> RequestRecord:
+    body = {
+        "inputs": prompt,
+        "parameters": {"max_new_tokens": max_new_tokens, "details": True, "do_sample": False, **extra_params},
+    }
+    rec = RequestRecord(start=time.perf_counter(), input_tokens=input_tokens)
+    try:
+        async with session.post(url + "/generate_stream", json=body) as resp:
+            if resp.status != 200:
+                rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return rec
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                now = time.perf_counter()
+                event = json.loads(line[5:])
+                if "error" in event and event.get("token") is None:
+                    rec.error = f"{event.get('error_type')}: {event['error']}"[:200]
+                    return rec
+                if event.get("token") is not None:
+                    rec.chunk_times.append(now)
+                details = event.get("details")
+                if details:
+                    rec.output_tokens = int(details.get("generated_tokens", 0))
+                    rec.finish_reason = details.get("finish_reason")
+        rec.end = time.perf_counter()
+        if not rec.output_tokens:
+            rec.output_tokens = len(rec.chunk_times)
+    except Exception as e:  # a benchmark reports failed requests, it does not stop on them
+        rec.error = f"{type(e).__name__}: {e}"[:200]
+    return rec
+
+
+async def run_level(
+    base_url: str,
+    prompts: list[tuple[str, int]],
+    *,
+    max_new_tokens: int,
+    concurrency: int | None,
+    extra_params: dict[str, Any],
+) -> tuple[list[RequestRecord], float]:
+    """Sends every prompt, at most `concurrency` in flight (None: all at once); returns the records
+    and the wall time from the first send to the last completion."""
+    import aiohttp
+
+    sem = asyncio.Semaphore(concurrency or len(prompts))
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=1800)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+
+        async def one(p: tuple[str, int]) -> RequestRecord:
+            async with sem:
+                return await stream_one(
+                    session,
+                    base_url,
+                    prompt=p[0],
+                    input_tokens=p[1],
+                    max_new_tokens=max_new_tokens,
+                    extra_params=extra_params,
+                )
+
+        t0 = time.perf_counter()
+        records = await asyncio.gather(*(one(p) for p in prompts))
+        return list(records), time.perf_counter() - t0
+
+
+def level_result(
+    records: list[RequestRecord],
+    duration: float,
+    *,
+    preset: str,
+    concurrency: int | None,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    itls = [g * 1e3 for r in ok for g in r.itls]
+    stride = max(1, math.ceil(len(itls) / SAMPLES_PER_LEVEL))
+    return {
+        "preset": preset,
+        "concurrency": "inf" if concurrency is None else concurrency,
+        **aggregate(records, duration),
+        "exact_output_fraction": sum(r.output_tokens == max_new_tokens for r in ok) / len(ok) if ok else 0.0,
+        "exact_input_fraction": None,  # filled by the caller, which knows the target
+        "finish_reasons": {f: sum(r.finish_reason == f for r in ok) for f in {r.finish_reason for r in ok}},
+        "samples": {
+            "ttft_ms": [r.ttft * 1e3 for r in ok],
+            "itl_ms": itls[::stride],
+            "e2e_ms": [r.e2e * 1e3 for r in ok],
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------- the benchmark
+
+
+def _levels(text: str) -> list[int | None]:
+    return [None if c == "inf" else int(c) for c in text.split(",")]
+
+
+def _counts(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, list[int | None], list[int]]]:
+    """(preset, concurrency levels, prompt counts) in run order: from --plan entries
+    "PRESETS|LEVELS|COUNTS" (e.g. "128/128,1024/128|1,16,inf|8,32,64"), else from --presets,
+    --concurrency and --num-prompts."""
+    if not args.plan:
+        return [(p, args.concurrency, args.num_prompts) for p in args.presets]
+    out = []
+    for entry in args.plan:
+        presets, levels, counts = [*entry.split("|"), "", ""][:3]
+        out += [(p, _levels(levels or "1,16,64,inf"), _counts(counts)) for p in presets.split(",")]
+    return out
+
+
+def num_prompts_for(concurrency: int | None, override: list[int], index: int) -> int:
+    """--num-prompts: one number for every level, one per level, or none: max(32, 4 x concurrency)
+    (256 for "inf")."""
+    if override:
+        return override[index] if len(override) > 1 else override[0]
+    return 256 if concurrency is None else max(32, 4 * concurrency)
+
+
+async def run_benchmark(
+    base_url: str, tok: Any, args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], Any]
+) -> list[dict[str, Any]]:
+    """Every preset x concurrency level; `save` gets the levels so far after each one."""
+    rng = random.Random(args.seed)
+    vocab = plain_vocab(tok)
+    extra = {args.ignore_eos_field: True} if args.ignore_eos_field else {}
+    results = []
+    for preset, levels, counts in plan(args):
+        in_len, out_len = (int(x) for x in preset.split("/"))
+        warm = [exact_prompt(tok, in_len, rng, vocab=vocab) for _ in range(args.warmup_requests)]
+        if warm:
+            await run_level(
+                base_url, warm, max_new_tokens=min(out_len, 16), concurrency=None, extra_params=extra
+            )
+        for k, conc in enumerate(levels):
+            prompts = [
+                exact_prompt(tok, in_len, rng, vocab=vocab) for _ in range(num_prompts_for(conc, counts, k))
+            ]
+            records, duration = await run_level(
+                base_url, prompts, max_new_tokens=out_len, concurrency=conc, extra_params=extra
+            )
+            res = level_result(records, duration, preset=preset, concurrency=conc, max_new_tokens=out_len)
+            res["exact_input_fraction"] = sum(n == in_len for _, n in prompts) / len(prompts)
+            results.append(res)
+            save(results)
+            print(
+                f"{preset:>9} c={res['concurrency']!s:>4} n={len(prompts):4d}: "
+                f"{res['output_throughput']:9.1f} out tok/s  TTFT p50 {res['ttft_ms']['p50']:8.1f} ms  "
+                f"TPOT p50 {res['tpot_ms']['p50']:7.2f} ms  ITL p99 {res['itl_ms']['p99']:7.2f} ms  "
+                f"failed {res['failed']}",
+                flush=True,
+            )
+    return results
+
+
+def tokenizer_name(args: argparse.Namespace) -> str:
+    """--tokenizer, else the launch's --tokenizer-name or --model-id, else the embedded model."""
+    if args.tokenizer:
+        return args.tokenizer
+    launch = shlex.split(args.launch or "")
+    for flag in ("--tokenizer-name", "--model-id"):
+        if flag in launch and launch.index(flag) + 1 < len(launch):
+            return launch[launch.index(flag) + 1]
+    from launcher.embedded import embedded_model_path
+
+    return embedded_model_path()
+
+
+def server_info(base_url: str) -> dict[str, Any]:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url + "/info", timeout=10) as r:
+            return json.loads(r.read())
+    except Exception as e:
+        return {"error": repr(e)}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serve_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", default="http://127.0.0.1:3000")
+    p.add_argument(
+        "--launch",
+        default=None,
+        metavar="ARGS",
+        help="start the stack (tests/stack.py running_stack) with these launcher flags ('' = defaults)",
+    )
+    p.add_argument("--tokenizer", default="", help="tokenizer folder or .gguf (default: see tokenizer_name)")
+    p.add_argument("--presets", type=lambda s: s.split(","), default=list(PRESETS), help="IN/OUT,IN/OUT,...")
+    p.add_argument(
+        "--concurrency", type=_levels, default=[1, 16, 64, None], help="levels, 'inf' = all at once"
+    )
+    p.add_argument(
+        "--num-prompts",
+        type=_counts,
+        default=[],
+        help="per level (one number, or one per concurrency level); default max(32, 4*c), 256 for inf",
+    )
+    p.add_argument(
+        "--plan",
+        nargs="+",
+        default=[],
+        metavar="PRESETS|LEVELS|COUNTS",
+        help="instead of the three flags above: several entries, e.g. '128/128|1,16,inf|8,32,64'",
+    )
+    p.add_argument("--warmup-requests", type=int, default=2)
+    p.add_argument(
+        "--ignore-eos-field",
+        default="ignore_eos_token",
+        help="parameters field asking the server to ignore EOS ('' to send none)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--startup-timeout", type=float, default=900.0)
+    p.add_argument(
+        "--save-tokenizer",
+        default=None,
+        metavar="DIR",
+        help="only save the tokenizer (see --tokenizer) as a Hugging Face folder to DIR and exit",
+    )
+    p.add_argument(
+        "--out", default=None, help="results JSON (default bench/results/serve-<card>-<date>.json)"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from router.tokenizer import load_tokenizer
+
+    args = parse_args(argv)
+    tok = load_tokenizer(tokenizer_name(args))
+    if args.save_tokenizer:
+        tok.hf.save_pretrained(args.save_tokenizer)
+        print(f"saved {tok.name} to {args.save_tokenizer}")
+        return 0
+    with contextlib.ExitStack() as stack:
+        base_url = args.base_url
+        if args.launch is not None:
+            from tests.stack import running_stack
+
+            base_url = stack.enter_context(
+                running_stack(shlex.split(args.launch), timeout=args.startup_timeout)
+            ).base_url
+        info = server_info(base_url)
+        facts = machine_facts()
+        out = args.out or str(results_path("serve", facts))
+        params = {
+            **vars(args),
+            "concurrency": ["inf" if c is None else c for c in args.concurrency],
+            "tokenizer": tok.name,
+        }
+
+        def save(levels: list[dict[str, Any]]) -> Path:
+            return write_results(
+                {
+                    "benchmark": "serve",
+                    "machine": facts,
+                    "params": params,
+                    "server_info": info,
+                    "levels": levels,
+                },
+                name="serve",
+                out=out,
+            )
+
+        results = asyncio.run(run_benchmark(base_url, tok, args, save))
+    path = save(results)
+    print(
+        format_table(
+            [
+                "preset",
+                "conc",
+                "req/s",
+                "out tok/s",
+                "TTFT p50",
+                "TTFT p99",
+                "TPOT p50",
+                "ITL p50",
+                "ITL p99",
+                "exact out",
+            ],
+            [
+                [
+                    r["preset"],
+                    r["concurrency"],
+                    r["request_throughput"],
+                    r["output_throughput"],
+                    r["ttft_ms"]["p50"],
+                    r["ttft_ms"]["p99"],
+                    r["tpot_ms"]["p50"],
+                    r["itl_ms"]["p50"],
+                    r["itl_ms"]["p99"],
+                    r["exact_output_fraction"],
+                ]
+                for r in results
+            ],
+        )
+    )
+    print(f"latencies in ms; wrote {path}")
+    return 0 if all(r["failed"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

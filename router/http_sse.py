@@ -1,0 +1,85 @@
+"""Server-sent events: TGI's and OpenAI's framing, and a response that stops generating as soon
+as the client goes away."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+OPENAI_DONE = b"data: [DONE]\n\n"
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON like TGI's serde output; non-ASCII text stays readable."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def tgi_event(obj: Any) -> bytes:
+    """TGI's framing: `data:{json}` with no space, blank line after, no [DONE] at the end."""
+    return f"data:{dumps(obj)}\n\n".encode()
+
+
+def openai_event(obj: Any) -> bytes:
+    """OpenAI's framing: `data: {json}`; the stream ends with `data: [DONE]`."""
+    return f"data: {dumps(obj)}\n\n".encode()
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response whose body generator is cancelled when the client
+    disconnects (whatever the server's ASGI version) and always closed at the end, so the
+    generator's `finally` cancels the scheduler handle."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.on_close = on_close  # runs after the stream, finished or not (cancels handles)
+        all_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        all_headers.update(headers or {})
+        super().__init__(content, headers=all_headers, media_type=self.media_type)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.body_iterator
+
+        async def stream() -> None:
+            try:
+                await send(
+                    {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+                )
+                async for chunk in body:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:  # the client went away mid-send
+                return
+
+        async def disconnected() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def first_wins(fn: Any) -> None:
+                    await fn()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(first_wins, stream)
+                tg.start_soon(first_wins, disconnected)
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+            if self.on_close is not None:
+                self.on_close()

@@ -1,0 +1,76 @@
+"""Prometheus metrics under TGI's names, in prometheus-client's default registry.
+
+Module-level objects with fixed Python names: the HTTP layer records the per-request ones
+(REQUEST_*), the scheduler the batch, queue, KV-cache and prefix-cache ones. /metrics serves
+prometheus_client.generate_latest(); nothing here writes the exposition format by hand.
+
+Counters follow prometheus-client's convention: a counter named tgi_request_count is exposed as the
+sample tgi_request_count_total (TGI's Rust exporter omits the suffix).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+# TGI's duration buckets: a geometric series 0.0001 * 1.5**k, k = 1..35 (~0.00015 s to ~1.9e2 s).
+DURATION_BUCKETS: tuple[float, ...] = tuple(0.0001 * 1.5**k for k in range(1, 36))
+# Token-count buckets (TGI derives them from --max-input-tokens, which is unknown at import).
+TOKEN_BUCKETS: tuple[float, ...] = tuple(float(2**k) for k in range(0, 18))
+BATCH_SIZE_BUCKETS: tuple[float, ...] = tuple(float(2**k) for k in range(0, 11))
+
+REQUEST_COUNT = Counter("tgi_request_count", "Total number of requests")
+REQUEST_SUCCESS = Counter("tgi_request_success", "Number of successful requests")
+REQUEST_FAILURE = Counter("tgi_request_failure", "Number of failed requests", ["err"])
+REQUEST_DURATION = Histogram(
+    "tgi_request_duration", "Total time spent processing the request (s)", buckets=DURATION_BUCKETS
+)
+REQUEST_VALIDATION_DURATION = Histogram(
+    "tgi_request_validation_duration", "Time spent validating the request (s)", buckets=DURATION_BUCKETS
+)
+REQUEST_QUEUE_DURATION = Histogram(
+    "tgi_request_queue_duration", "Time spent in the queue per request (s)", buckets=DURATION_BUCKETS
+)
+REQUEST_INFERENCE_DURATION = Histogram(
+    "tgi_request_inference_duration", "Request inference duration (s)", buckets=DURATION_BUCKETS
+)
+REQUEST_MEAN_TIME_PER_TOKEN = Histogram(
+    "tgi_request_mean_time_per_token_duration",
+    "Mean time per token per request (s)",
+    buckets=DURATION_BUCKETS,
+)
+REQUEST_GENERATED_TOKENS = Histogram(
+    "tgi_request_generated_tokens", "Generated tokens per request", buckets=TOKEN_BUCKETS
+)
+REQUEST_INPUT_LENGTH = Histogram(
+    "tgi_request_input_length", "Input token length per request", buckets=TOKEN_BUCKETS
+)
+REQUEST_MAX_NEW_TOKENS = Histogram(
+    "tgi_request_max_new_tokens", "Maximum new tokens per request", buckets=TOKEN_BUCKETS
+)
+
+QUEUE_SIZE = Gauge("tgi_queue_size", "Current queue size")
+BATCH_CURRENT_SIZE = Gauge("tgi_batch_current_size", "Current batch size")
+BATCH_CURRENT_MAX_TOKENS = Gauge("tgi_batch_current_max_tokens", "Maximum tokens for the current batch")
+BATCH_NEXT_SIZE = Histogram("tgi_batch_next_size", "Batch size of the next batch", buckets=BATCH_SIZE_BUCKETS)
+BATCH_INFERENCE_DURATION = Histogram(
+    "tgi_batch_inference_duration", "Batch inference duration (s)", ["method"], buckets=DURATION_BUCKETS
+)
+BATCH_INFERENCE_COUNT = Counter("tgi_batch_inference_count", "Inference calls per method", ["method"])
+BATCH_INFERENCE_SUCCESS = Counter(
+    "tgi_batch_inference_success", "Successful inference calls per method", ["method"]
+)
+
+KV_BLOCKS_USED = Gauge("tgi_kv_cache_blocks_used", "KV-cache blocks in use")
+KV_BLOCKS_FREE = Gauge("tgi_kv_cache_blocks_free", "KV-cache blocks free")
+PREFIX_CACHE_HIT_TOKENS = Counter("tgi_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache")
+PREFIX_CACHE_LOOKUP_TOKENS = Counter(
+    "tgi_prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache"
+)
+PREFIX_CACHE_HIT_RATE = Gauge(
+    "tgi_prefix_cache_hit_rate", "Cumulative prefix-cache hit rate (hit tokens / lookup tokens)"
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition of the default registry and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

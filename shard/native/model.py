@@ -1,0 +1,229 @@
+"""Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral, Qwen2) over the paged KV cache.
+
+Single-device by design: tensor parallelism is a transformation applied after construction
+(tp.py shrinks the linears to one rank's shard and installs the collectives), gpt-fast style.
+Numerics follow transformers' LlamaForCausalLM: RMSNorm in float32 then cast, RoPE with the
+rotate_half convention and cos/sin computed in float32 from positions, SwiGLU.
+
+q/k/v and gate/up are fused into one linear each (qkv_proj, gate_up_proj); `hf_names` says which
+Hugging Face tensors make up each parameter, in concatenation order (dim 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shard.native.attention import AttentionBackend, ReferenceAttention
+from shard.native.config import ModelConfig
+from shard.native.forward import AttentionMetadata, ForwardBatch
+from shard.native.kv_cache import KVCache
+
+# fused parameter -> the Hugging Face projections concatenated (dim 0) into it, in order
+PACKED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+class Linear(nn.Linear):
+    def reset_parameters(self) -> None:
+        """No init: the loader fills every weight (and torch's init costs seconds of lazy imports)."""
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        """No init: the loader fills every weight."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, *, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As transformers: normalize in float32, cast back, then scale (the order matters in bf16).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """(head_dim // 2,) float32 inverse frequencies, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    dim = config.head_dim
+    # Always on CPU (also when the model is built under torch.device("meta")); callers move it.
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / float(scaling["factor"])
+    if scaling["rope_type"] == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are slowed down by `factor`, short ones kept, the band between blended
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, blended, scaled)
+    raise AssertionError(f"unvalidated rope type {scaling['rope_type']}")  # config.py refuses others
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def reset_inv_freq(self, device: torch.device) -> None:
+        """Recomputes the buffer on `device` (needed after building on the meta device and to_empty)."""
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RotaryEmbedding:
+        # model.to(dtype) / to_empty would cast or blank the buffer: frequencies stay float32 and
+        # exact (a bf16 inv_freq shifts the rotation angle by whole radians at long positions).
+        super()._apply(fn, recurse)
+        self.reset_inv_freq(self.inv_freq.device)
+        return self
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq.float()[None, :]  # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D); cos/sin (T, D). rotate_half convention: pairs are (i, i + D/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, *, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        # Head counts are this rank's (tp.py divides them); head_dim never changes.
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        out = config.q_size + 2 * config.kv_size
+        self.qkv_proj = Linear(config.hidden_size, out, bias=config.attention_bias, dtype=dtype)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias, dtype=dtype)
+        self.backend = backend
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, hidden)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        o = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, Hq, D)
+        return self.o_proj(o.reshape(t, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size  # this rank's share after tp.py
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, *, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(config, backend, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(config, dtype=dtype)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        attention: AttentionBackend | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Parameters are uninitialized; the loader fills them (build under torch.device("meta")
+        to allocate nothing until the loader materializes this rank's shard)."""
+        super().__init__()
+        self.config = config
+        backend = attention if attention is not None else ReferenceAttention()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, backend, dtype=dtype) for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # tp.py unties when it shards the head
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this rank caches (the KVCache's num_kv_heads)."""
+        return self.layers[0].self_attn.num_kv_heads
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        for layer in self.layers:
+            layer.self_attn.backend = backend
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """float32 logits (len(batch.logits_indices), vocab_size), the full vocabulary on every rank."""
+        meta = AttentionMetadata.from_batch(batch)
+        h = self.embed_tokens(batch.input_ids)  # (T, hidden)
+        cos, sin = self.rotary_emb(batch.positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, kv_cache.k[i], kv_cache.v[i], meta)
+        # Norm is per row, so only the rows that need logits are normalized and projected.
+        h = self.norm(h[batch.logits_indices])
+        return self.lm_head(h).float()
+
+    def hf_names(self, name: str) -> list[str]:
+        """Hugging Face tensors making up parameter `name`, in dim-0 concatenation order."""
+        if name == "lm_head.weight":
+            return ["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, module = module_path.rpartition(".")
+        parts = PACKED_MODULES.get(module, (module,))
+        prefix = f"model.{parent}." if parent else "model."
+        return [f"{prefix}{p}.{leaf}" for p in parts]

@@ -1,0 +1,436 @@
+"""gRPC server of one shard rank: protobuf <-> engine types, one worker thread, one error boundary.
+
+Engine methods run one at a time on a single worker thread (the Engine protocol relies on it), so
+the event loop stays free to answer Health while a long Prefill runs. Conversions run on that
+thread too. The server listens only once the engine is built: a rank that answers is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from shard.config import ShardConfig
+from shard.dist import DistContext
+from shard.engine.base import (
+    Engine,
+    EngineConfigError,
+    EngineError,
+    InvalidRequestError,
+    OutOfResourcesError,
+)
+from shard.engine.types import (
+    EngineInfo,
+    EngineKind,
+    FinishReason,
+    Generation,
+    NewRequest,
+    SamplingParams,
+    StepResult,
+    StoppingParams,
+    TopTokens,
+    WarmupResult,
+    WarmupSpec,
+)
+from shard.pb import generate_pb2 as pb
+from shard.pb import generate_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a large prefill batch with prompt logprobs exceeds gRPC's 4 MiB
+T = TypeVar("T")
+
+# ---------------------------------------------------------------- protobuf -> engine types
+
+
+def sampling_from_pb(msg: pb.SamplingParameters) -> SamplingParams:
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=msg.top_p,
+        typical_p=msg.typical_p,
+        do_sample=msg.do_sample,
+        seed=msg.seed,
+        repetition_penalty=msg.repetition_penalty,
+        frequency_penalty=msg.frequency_penalty,
+    )
+
+
+def request_from_pb(msg: pb.Request) -> NewRequest:
+    # An absent sub-message means "all defaults" (proto3 would otherwise hand us zeros).
+    sampling = sampling_from_pb(msg.sampling) if msg.HasField("sampling") else SamplingParams()
+    if not msg.HasField("stopping") or msg.stopping.max_new_tokens == 0:
+        raise InvalidRequestError(f"request {msg.id}: stopping.max_new_tokens must be >= 1")
+    stopping = StoppingParams(
+        max_new_tokens=msg.stopping.max_new_tokens,
+        ignore_eos_token=msg.stopping.ignore_eos_token,
+        stop_token_ids=tuple(msg.stopping.stop_token_ids),
+    )
+    return NewRequest(
+        id=msg.id,
+        input_ids=tuple(msg.input_ids),
+        sampling=sampling,
+        stopping=stopping,
+        blocks=tuple(msg.blocks),
+        prefix_len=msg.prefix_len,
+        top_n_tokens=msg.top_n_tokens,
+        prefill_logprobs=msg.prefill_logprobs,
+        generated_before=msg.generated_before,
+    )
+
+
+def extensions_from_pb(msgs: Sequence[pb.BlockExtension]) -> dict[int, tuple[int, ...]]:
+    """Request id -> blocks to append; an id listed twice gets both lists, in order."""
+    extensions: dict[int, tuple[int, ...]] = {}
+    for ext in msgs:
+        extensions[ext.request_id] = extensions.get(ext.request_id, ()) + tuple(ext.blocks)
+    return extensions
+
+
+def warmup_spec_from_pb(msg: pb.WarmupRequest) -> WarmupSpec:
+    return WarmupSpec(
+        max_input_tokens=msg.max_input_tokens,
+        max_total_tokens=msg.max_total_tokens,
+        max_batch_prefill_tokens=msg.max_batch_prefill_tokens,
+        max_batch_size=msg.max_batch_size,
+    )
+
+
+# ---------------------------------------------------------------- engine types -> protobuf
+
+_ENGINE_KIND = {EngineKind.NATIVE: pb.ENGINE_KIND_NATIVE, EngineKind.TRTLLM: pb.ENGINE_KIND_TRTLLM}
+_FINISH_REASON = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
+}
+
+
+def info_to_pb(info: EngineInfo) -> pb.InfoResponse:
+    return pb.InfoResponse(
+        model_id=info.model_id,
+        dtype=info.dtype,
+        device_type=info.device_type,
+        world_size=info.world_size,
+        tp_size=info.tp_size,
+        pp_size=info.pp_size,
+        engine=_ENGINE_KIND[info.engine],
+        block_size=info.block_size,
+        manages_kv_cache=info.manages_kv_cache,
+        max_batch_size=info.max_batch_size,
+        max_input_tokens=info.max_input_tokens,
+        max_total_tokens=info.max_total_tokens,
+        max_batch_prefill_tokens=info.max_batch_prefill_tokens,
+        max_beam_width=info.max_beam_width,
+        vocab_size=info.vocab_size,
+        eos_token_ids=info.eos_token_ids,
+        supports_prefix_caching=info.supports_prefix_caching,
+        supports_prefill_logprobs=info.supports_prefill_logprobs,
+        max_top_n_tokens=info.max_top_n_tokens,
+        engine_version=info.engine_version,
+    )
+
+
+def tokens_to_pb(tokens: TopTokens) -> pb.Tokens:
+    return pb.Tokens(ids=tokens.ids, logprobs=tokens.logprobs)
+
+
+def generation_to_pb(gen: Generation) -> pb.Generation:
+    msg = pb.Generation(
+        request_id=gen.request_id,
+        token_id=gen.token_id,
+        logprob=gen.logprob,
+        top_tokens=tokens_to_pb(gen.top_tokens),
+        finish_reason=_FINISH_REASON[gen.finish_reason],
+        generated_tokens=gen.generated_tokens,
+        seed=gen.seed,
+    )
+    if gen.prefill_tokens is not None:
+        msg.prefill_tokens.CopyFrom(tokens_to_pb(gen.prefill_tokens))
+    return msg
+
+
+def warmup_to_pb(result: WarmupResult) -> pb.WarmupResponse:
+    return pb.WarmupResponse(
+        num_blocks=result.num_blocks,
+        block_size=result.block_size,
+        max_supported_total_tokens=result.max_supported_total_tokens,
+    )
+
+
+def _timings(result: StepResult, started_ns: int) -> pb.Timings:
+    return pb.Timings(forward_ns=result.forward_ns, total_ns=time.perf_counter_ns() - started_ns)
+
+
+# ---------------------------------------------------------------- the error boundary
+
+_STATUS_OF_ERROR: tuple[tuple[type[EngineError], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (OutOfResourcesError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_of(error: EngineError) -> grpc.StatusCode:
+    for cls, code in _STATUS_OF_ERROR:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_boundary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """The one place exceptions become gRPC statuses.
+
+    Engine errors map to their codes and leave the engine usable. Anything else is a bug or a
+    device failure: INTERNAL with the message, the traceback logged once, and the engine asked
+    whether it can still serve (Health answers UNAVAILABLE from then on if not).
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: ShardServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # context.abort() already set the status
+        except EngineError as e:
+            code = status_of(e)
+            log.warning("%s failed: %s: %s", method.__name__, code.name, e)
+            await context.abort(code, str(e))
+        except Exception as e:
+            log.exception("%s failed with an unexpected error", method.__name__)
+            await self.check_engine_health()
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- the servicer
+
+
+class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
+    def __init__(self, engine: Engine, urls: Sequence[str]) -> None:
+        self._engine = engine
+        self._urls = tuple(urls)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._healthy = True  # turns False for good once the engine says it can no longer serve
+        self._in_flight = 0  # engine calls submitted and not finished (event-loop thread only)
+
+    async def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        self._in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        finally:
+            self._in_flight -= 1
+
+    async def check_engine_health(self) -> None:
+        def ask() -> bool:
+            try:
+                return bool(self._engine.healthy())
+            except Exception:
+                log.exception("engine.healthy() raised; treating the engine as broken")
+                return False
+
+        if self._healthy and not await self._on_worker(ask):
+            self._healthy = False
+            log.error("the engine reports it can no longer serve; Health now answers UNAVAILABLE")
+
+    def close(self, shutdown_engine: bool) -> None:
+        """Waits for the engine call in flight, then (optionally) shuts the engine down."""
+        if shutdown_engine:
+            try:
+                self._worker.submit(self._engine.shutdown).result()
+            except Exception:
+                log.exception("engine.shutdown() failed")
+        self._worker.shutdown(wait=True)
+
+    @error_boundary
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        # Ask the engine only while its thread is idle (an engine can fail in the background, e.g.
+        # TensorRT-LLM's executor); while a call runs, answer from what the last call showed.
+        if self._healthy and self._in_flight == 0:
+            await self.check_engine_health()
+        if not self._healthy:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the engine failed and cannot serve; restart the shard"
+            )
+        return pb.HealthResponse()
+
+    @error_boundary
+    async def ServiceDiscovery(
+        self, request: pb.ServiceDiscoveryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServiceDiscoveryResponse:
+        return pb.ServiceDiscoveryResponse(urls=self._urls)
+
+    @error_boundary
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return await self._on_worker(lambda: info_to_pb(self._engine.info()))
+
+    @error_boundary
+    async def Warmup(self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext) -> pb.WarmupResponse:
+        return await self._on_worker(lambda: warmup_to_pb(self._engine.warmup(warmup_spec_from_pb(request))))
+
+    @error_boundary
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        def run() -> pb.PrefillResponse:
+            started = time.perf_counter_ns()
+            result = self._engine.prefill([request_from_pb(r) for r in request.requests])
+            return pb.PrefillResponse(
+                generations=[generation_to_pb(g) for g in result.generations],
+                timings=_timings(result, started),
+            )
+
+        return await self._on_worker(run)
+
+    @error_boundary
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
+        if request.max_steps < 1:
+            raise InvalidRequestError("Decode.max_steps must be >= 1")
+
+        def run() -> pb.DecodeResponse:
+            started = time.perf_counter_ns()
+            result = self._engine.decode(extensions_from_pb(request.extensions), request.max_steps)
+            return pb.DecodeResponse(
+                generations=[generation_to_pb(g) for g in result.generations],
+                steps=result.steps,
+                timings=_timings(result, started),
+            )
+
+        return await self._on_worker(run)
+
+    @error_boundary
+    async def FilterBatch(
+        self, request: pb.FilterBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FilterBatchResponse:
+        running = await self._on_worker(self._engine.filter, list(request.remove_ids))
+        return pb.FilterBatchResponse(running=running)
+
+    @error_boundary
+    async def ClearCache(
+        self, request: pb.ClearCacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClearCacheResponse:
+        await self._on_worker(self._engine.clear)
+        return pb.ClearCacheResponse()
+
+
+# ---------------------------------------------------------------- server lifecycle
+
+
+def unix_socket_path(address: str) -> str | None:
+    """The file path of a unix:// (or unix:) gRPC address; None for TCP."""
+    for prefix in ("unix://", "unix:"):
+        if address.startswith(prefix):
+            return address[len(prefix) :]
+    return None
+
+
+class ShardServer:
+    """A started-on-demand gRPC server around one engine; removes its unix sockets when stopped."""
+
+    def __init__(self, server: grpc.aio.Server, servicer: ShardServicer, socket_paths: Sequence[str]) -> None:
+        self.grpc_server = server
+        self.servicer = servicer
+        self.socket_paths = tuple(socket_paths)
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+
+    async def stop(self, grace: float | None = 5.0, *, shutdown_engine: bool = False) -> None:
+        """Stops accepting calls, lets calls in flight finish for `grace` seconds, then cancels them.
+
+        The engine call running on the worker thread is always waited for (threads cannot be
+        cancelled); with shutdown_engine, engine.shutdown() runs after it on the same thread.
+        """
+        await self.grpc_server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.servicer.close, shutdown_engine)
+        for path in self.socket_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def build_server(engine: Engine, addresses: Sequence[str], urls: Sequence[str]) -> ShardServer:
+    """Binds (not yet starts) a server for `engine` on every address (unix:///path or host:port).
+
+    `urls` is what ServiceDiscovery answers. Call from inside the event loop that will run it.
+    Unix sockets are created with mode 0600 (their parent directory is created 0700 if missing).
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    servicer = ShardServicer(engine, urls)
+    generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
+    socket_paths = [path for path in map(unix_socket_path, addresses) if path is not None]
+    for address in addresses:
+        path = unix_socket_path(address)
+        if path is not None:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        # Bind under a umask so a unix socket is never reachable by others, even briefly.
+        old_umask = os.umask(0o177)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc's way of saying bind() failed
+            port = 0
+            log.error("%s", e)
+        finally:
+            os.umask(old_umask)
+        if port == 0:
+            raise OSError(f"cannot listen on {address} (in use, or a bad address?)")
+        if path is not None:
+            os.chmod(path, 0o600)
+    return ShardServer(server, servicer, socket_paths)
+
+
+def rank_urls(config: ShardConfig, dist: DistContext) -> list[str]:
+    """Every rank's URL in rank order; all ranks compute the same list."""
+    hosts = dist.hostnames or (socket.gethostname(),) * dist.world_size
+    return [config.rank_url(r, hosts[r]) for r in range(dist.world_size)]
+
+
+async def serve(engine: Engine, *, config: ShardConfig, dist: DistContext, grace: float = 5.0) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully and shuts the engine down.
+
+    A second signal during the stop exits at once (status 1): the call in flight may be stuck in a
+    collective whose peer is gone.
+    """
+    address = config.listen_address(dist.rank)
+    try:
+        server = build_server(engine, [address], rank_urls(config, dist))
+    except Exception:
+        engine.shutdown()
+        raise
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.error("second %s while stopping; exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s received; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.start()
+    log.info("listening on %s (rank %d/%d)", address, dist.rank, dist.world_size)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(grace, shutdown_engine=True)
+        log.info("stopped")

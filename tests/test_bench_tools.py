@@ -1,0 +1,208 @@
+"""The benchmark suite's own arithmetic: percentiles, TTFT/TPOT/ITL from timestamps, the
+bandwidth ceiling from a config, prompt building to an exact token count, SSE parsing, and one
+short engine benchmark against a real shard (llama-tiny, dummy weights, CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from bench.bandwidth import bytes_per_token, decode_ceiling, load_hf_config
+from bench.common import RequestRecord, aggregate, card_name, percentile, summarize
+from bench.serve_bench import exact_prompt, num_prompts_for, plan, stream_one
+
+
+def test_percentile_interpolates_linearly():
+    v = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(v, 0) == 1.0
+    assert percentile(v, 100) == 4.0
+    assert percentile(v, 50) == 2.5
+    assert percentile(v, 99) == pytest.approx(3.97)  # 3 + (4 - 3) * (0.99 * 3 - 2)
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile(v, 101)
+
+
+def test_summarize_scales_and_counts():
+    s = summarize([0.001, 0.002, 0.003], scale=1e3)
+    assert s["n"] == 3
+    assert s["mean"] == pytest.approx(2.0)
+    assert s["p50"] == pytest.approx(2.0)
+    assert s["min"] == pytest.approx(1.0) and s["max"] == pytest.approx(3.0)
+    assert summarize([])["n"] == 0 and math.isnan(summarize([])["p50"])
+
+
+def test_request_record_ttft_itl_tpot():
+    r = RequestRecord(start=10.0, input_tokens=5, chunk_times=[10.5, 10.6, 10.8, 11.1], end=11.2, output_tokens=4)
+    assert r.ok
+    assert r.ttft == pytest.approx(0.5)
+    assert r.e2e == pytest.approx(1.2)
+    assert r.itls == pytest.approx([0.1, 0.2, 0.3])
+    assert r.tpot == pytest.approx((1.2 - 0.5) / 3)
+    one = RequestRecord(start=0.0, input_tokens=1, chunk_times=[0.2], end=0.3, output_tokens=1)
+    assert one.tpot is None and one.itls == []
+    assert not RequestRecord(start=0.0, input_tokens=1, error="HTTP 500").ok
+
+
+def test_aggregate_counts_only_completed_requests():
+    a = RequestRecord(start=0.0, input_tokens=10, chunk_times=[1.0, 2.0, 3.0], end=3.0, output_tokens=3)
+    b = RequestRecord(start=1.0, input_tokens=10, chunk_times=[1.5, 2.0], end=2.0, output_tokens=2)
+    failed = RequestRecord(start=0.0, input_tokens=10, error="boom")
+    m = aggregate([a, b, failed], duration_s=4.0)
+    assert (m["requests"], m["completed"], m["failed"], m["errors"]) == (3, 2, 1, ["boom"])
+    assert m["output_tokens"] == 5 and m["input_tokens"] == 20
+    assert m["output_throughput"] == pytest.approx(5 / 4)
+    assert m["request_throughput"] == pytest.approx(2 / 4)
+    assert m["ttft_ms"]["p50"] == pytest.approx(750.0)  # TTFTs 1.0 s and 0.5 s
+    assert m["tpot_ms"]["mean"] == pytest.approx((1000.0 + 500.0) / 2)  # (3-1)/2 and (1-0.5)/1
+    assert m["itl_ms"]["n"] == 3 and m["itl_ms"]["max"] == pytest.approx(1000.0)
+
+
+def test_llama_3_1_8b_bytes_per_token_and_ceiling():
+    cfg = load_hf_config("llama-3.1-8b")
+    b = bytes_per_token(cfg, dtype_bytes=2, context=1024)
+    h, i, layers, vocab = 4096, 14336, 32, 128256
+    linear = layers * (h * (4096 + 2 * 1024) + 4096 * h + 3 * h * i) + vocab * h  # + lm_head
+    replicated = layers * 2 * h + h + h  # norms, final norm, one embedding row
+    assert b["weights"] == (linear + replicated) * 2 == 15_009_857_536
+    assert b["kv"] == 2 * layers * 1024 * 1024 * 2  # K and V, 8 heads x 128, 1024 tokens, bf16
+    assert b["total"] == b["weights"] + b["kv"]
+    assert decode_ceiling(3.0e12, 15_000_000_000) == pytest.approx(200.0)
+    tp2 = bytes_per_token(cfg, dtype_bytes=2, context=0, tp_size=2)
+    assert tp2["weights"] == (linear // 2 + replicated) * 2
+
+
+def test_tied_embeddings_still_read_the_whole_lm_head():
+    cfg = load_hf_config("llama-tiny")  # tie_word_embeddings: true
+    b = bytes_per_token(cfg, dtype_bytes=4, context=0)
+    per_layer = 128 * (128 + 2 * 64) + 128 * 128 + 3 * 128 * 384
+    assert b["weights"] == (4 * per_layer + 49152 * 128 + 4 * 2 * 128 + 128 + 128) * 4
+    assert b["kv"] == 0
+
+
+def test_card_name():
+    assert card_name({"gpus": ["NVIDIA H100 80GB HBM3"]}) == "h100-80gb-hbm3"
+    assert card_name({"gpus": []}) == "cpu"
+
+
+class MergingTokenizer:
+    """Greedy longest match over {"a", "b", "ab", "ba"} plus a BOS the encoder adds: decoding
+    random ids and re-encoding changes the count, as real BPE tokenizers do."""
+
+    pieces = ["<s>", "a", "b", "ab", "ba"]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids, k = ([0] if add_special_tokens else []), 0
+        while k < len(text):
+            two = text[k : k + 2]
+            if two in self.pieces:
+                ids.append(self.pieces.index(two))
+                k += 2
+            else:
+                ids.append(self.pieces.index(text[k]))
+                k += 1
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize("length", [2, 3, 7, 64])
+def test_exact_prompt_reaches_the_length_the_server_will_count(length):
+    tok = MergingTokenizer()
+    for seed in range(5):
+        text, n = exact_prompt(tok, length, random.Random(seed), vocab=[1, 2, 3, 4])
+        assert n == length
+        assert len(tok.encode(text)) == length
+
+
+def test_exact_prompt_refuses_a_length_without_room_for_text():
+    with pytest.raises(ValueError, match="no room"):
+        exact_prompt(MergingTokenizer(), 1, random.Random(0), vocab=[1, 2])
+
+
+def test_exact_prompt_with_the_embedded_tokenizer():
+    from bench.serve_bench import plain_vocab
+    from launcher.embedded import embedded_model_path
+    from router.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(embedded_model_path())
+    rng = random.Random(0)
+    vocab = plain_vocab(tok)
+    for length in (128, 1000):
+        text, n = exact_prompt(tok, length, rng, vocab=vocab)
+        assert n == length == len(tok.encode(text))
+
+
+def test_plan_and_prompt_counts():
+    args = SimpleNamespace(plan=["128/128,1024/128|1,inf|8,64", "2048/128|16|"], presets=[], concurrency=[],
+                           num_prompts=[])
+    assert plan(args) == [("128/128", [1, None], [8, 64]), ("1024/128", [1, None], [8, 64]),
+                          ("2048/128", [16], [])]
+    assert num_prompts_for(1, [], 0) == 32 and num_prompts_for(64, [], 0) == 256
+    assert num_prompts_for(None, [], 0) == 256
+    assert num_prompts_for(None, [8, 64], 1) == 64 and num_prompts_for(16, [5], 3) == 5
+
+
+def test_stream_one_reads_tgi_sse_events():
+    from aiohttp import ClientSession, web
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        assert body["parameters"]["max_new_tokens"] == 3 and body["parameters"]["ignore_eos_token"] is True
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for k in range(3):
+            last = k == 2
+            event = {"token": {"id": k, "text": "x", "logprob": -1.0, "special": False},
+                     "generated_text": "xxx" if last else None,
+                     "details": {"finish_reason": "length", "generated_tokens": 3} if last else None}
+            await resp.write(f"data:{json.dumps(event)}\n\n".encode())
+        return resp
+
+    async def run() -> RequestRecord:
+        app = web.Application()
+        app.router.add_post("/generate_stream", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with ClientSession() as s:
+                return await stream_one(s, f"http://127.0.0.1:{port}", prompt="hi", input_tokens=1,
+                                        max_new_tokens=3, extra_params={"ignore_eos_token": True})
+        finally:
+            await runner.cleanup()
+
+    rec = asyncio.run(run())
+    assert rec.ok, rec.error
+    assert (len(rec.chunk_times), rec.output_tokens, rec.finish_reason) == (3, 3, "length")
+    assert rec.start < rec.chunk_times[0] <= rec.chunk_times[-1] <= rec.end
+
+
+@pytest.mark.slow
+def test_engine_bench_against_a_real_shard(tmp_path):
+    from bench.engine_bench import main
+
+    out = tmp_path / "engine.json"
+    # 128 KV tokens = 8 blocks of 16; a request of 16 + 6 + 2 tokens needs 2 blocks, so 4 fit:
+    # batch 8 must be skipped, not attempted.
+    rc = main(["--launch", "--model-id", "llama-tiny", "--shard-args", "--kv-cache-tokens 128 --dtype float32",
+               "--batch-sizes", "1,4,8", "--input-len", "16", "--decode-steps", "6", "--steps-per-call", "4",
+               "--prefill-lens", "32", "--runs", "1", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["warmup"]["num_blocks"] == 8 and data["warmup"]["block_size"] == 16
+    assert [b["batch"] for b in data["batches"]] == [1, 4] and data["skipped_batch_sizes"] == [8]
+    for b in data["batches"]:
+        assert b["missing_generations"] == 0
+        assert b["decode_step_ms"]["n"] == 6  # 4 + 2 steps in two Decode calls
+        assert b["decode_tok_s"] == pytest.approx(b["batch"] / (b["decode_step_ms"]["p50"] / 1e3))
+    assert data["prefill"][0]["input_len"] == 32 and data["prefill"][0]["prefill_ms"]["n"] == 1
