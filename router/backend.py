@@ -55,9 +55,11 @@ def derive_limits(config: RouterConfig, info: ShardInfo) -> Limits:
         max_batch_total_tokens=config.max_batch_total_tokens or max_total * 16,
         max_best_of=config.max_best_of,
         max_stop_sequences=config.max_stop_sequences,
-        max_top_n_tokens=min(config.max_top_n_tokens, info.max_top_n_tokens or config.max_top_n_tokens),
+        # An engine reporting max_top_n_tokens 0 returns no alternatives: top_n_tokens > 0 is a 422.
+        max_top_n_tokens=min(config.max_top_n_tokens, info.max_top_n_tokens),
         max_client_batch_size=config.max_client_batch_size,
         max_concurrent_requests=config.max_concurrent_requests,
+        unsupported_parameters=info.unsupported_parameters,
     )
 
 

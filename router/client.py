@@ -1,8 +1,10 @@
 """Sharded gRPC client: every call fans out to every rank (ranks run in lockstep, as in TGI).
 
-Ranks return identical generations (tensor parallel ranks broadcast rank 0's sampled ids;
-pipeline stages get them from the last stage), so the router reads rank 0's answer and only
-checks that the others succeeded. Any rank failing fails the call with GenerationError.
+Ranks return identical token ids (the last rank's sampled ids are broadcast to every rank), but
+only the last pipeline stage has logits, so only its logprobs and top tokens are real (earlier
+stages report NaN). The router therefore reads the last rank's answer -- the one whose sample was
+broadcast -- and only checks that the others succeeded. Any rank failing fails the call with
+GenerationError.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class ShardedClient:
                 raise GenerationError(f"shard {rank}: {res.code().name}: {res.details()}") from res
             if isinstance(res, BaseException):
                 raise GenerationError(f"shard {rank}: {res!r}") from res
-        return results[0]  # type: ignore[return-value]
+        return results[-1]  # type: ignore[return-value]
 
     async def health(self, timeout: float = 5.0) -> bool:
         try:
@@ -100,6 +102,7 @@ class ShardedClient:
             supports_prefill_logprobs=r.supports_prefill_logprobs,
             max_top_n_tokens=r.max_top_n_tokens,
             engine_version=r.engine_version,
+            unsupported_parameters=tuple(r.unsupported_parameters),
             urls=self.urls,
         )
 

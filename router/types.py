@@ -95,6 +95,7 @@ class ShardInfo:
     supports_prefill_logprobs: bool
     max_top_n_tokens: int
     engine_version: str = ""
+    unsupported_parameters: tuple[str, ...] = ()
     num_blocks: int = 0
     max_supported_total_tokens: int = 0
     urls: tuple[str, ...] = field(default_factory=tuple)
@@ -113,3 +114,4 @@ class Limits:
     max_top_n_tokens: int
     max_client_batch_size: int
     max_concurrent_requests: int
+    unsupported_parameters: tuple[str, ...] = ()  # the engine cannot honour these: 422 when set

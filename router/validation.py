@@ -106,6 +106,8 @@ def _check_range(p: Params, limits: Limits, *, stream: bool) -> None:
         raise ValidationError("`top_p` must be > 0.0 and < 1.0")
     if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
         raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
+    if p.typical_p is not None and "typical_p" in limits.unsupported_parameters:
+        raise ValidationError("`typical_p` is not supported by this server's engine")
     if p.top_k is not None and p.top_k <= 0:
         raise ValidationError("`top_k` must be strictly positive")
     if p.max_new_tokens is not None and p.max_new_tokens <= 0:

@@ -138,6 +138,7 @@ def info_to_pb(info: EngineInfo) -> pb.InfoResponse:
         supports_prefill_logprobs=info.supports_prefill_logprobs,
         max_top_n_tokens=info.max_top_n_tokens,
         engine_version=info.engine_version,
+        unsupported_parameters=info.unsupported_parameters,
     )
 
 

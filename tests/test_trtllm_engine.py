@@ -156,6 +156,7 @@ def test_info_reports_engine_limits_and_kv_contract(engine):
         supports_prefix_caching=False,
         supports_prefill_logprobs=False,
         max_top_n_tokens=0,
+        unsupported_parameters=("typical_p",),
         engine_version="0.16.0",
     )
     assert engine.info().model_id.endswith("engine")

@@ -439,3 +439,20 @@ def test_random_bodies_never_get_a_500(client, seed):
     assert r.status_code in (200, 422), (body, r.status_code, r.text)
     if r.status_code == 422:
         assert set(r.json()) == {"error", "error_type"}
+
+
+def test_parameters_the_engine_cannot_honour_are_422():
+    """An engine that reports typical_p unsupported and no top-n (TensorRT-LLM) gets 422s, not
+    silently ignored parameters."""
+    import dataclasses
+
+    tok = real_tokenizer()
+    backend = make_backend(tok, reply(tok, "Paris."))
+    backend.limits = dataclasses.replace(LIMITS, unsupported_parameters=("typical_p",), max_top_n_tokens=0)
+    with ServerThread(create_app(backend)) as srv, httpx.Client(base_url=srv.base_url, timeout=30) as c:
+        r = c.post("/generate", json=gen("Hi", typical_p=0.5, max_new_tokens=2))
+        assert (r.status_code, r.json()["error_type"]) == (422, "validation")
+        assert "`typical_p` is not supported" in r.json()["error"]
+        r = c.post("/generate", json=gen("Hi", top_n_tokens=2, max_new_tokens=2))
+        assert r.status_code == 422 and "top_n_tokens" in r.json()["error"]
+        assert c.post("/generate", json=gen("Hi", temperature=0.5, max_new_tokens=2)).status_code == 200

@@ -105,6 +105,7 @@ class EngineInfo:
     supports_prefill_logprobs: bool = True
     max_top_n_tokens: int = 10
     engine_version: str = ""
+    unsupported_parameters: tuple[str, ...] = ()  # request parameters the router must reject
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ Sources, all addressed by Hugging Face tensor names:
 - dummy weights from a config (load_format="dummy", a folder with only config.json, a config .json
   file, or a bundled config name such as "llama-3.1-8b"): exactly dummy_state_dict, sliced per rank.
 
-The model is built on the meta device, sharded by tp.py, then allocated and filled in place, so
-peak memory is this rank's shard plus one source tensor.
+The model is built on the meta device, sharded by tp.py, cut down to this pipeline stage's layers by
+pipeline.py, then allocated and filled in place, so peak memory is this rank's shard plus one
+source tensor; other stages' tensors are never read.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from shard.engine.base import EngineConfigError
 from shard.native.attention import AttentionBackend
 from shard.native.config import ModelConfig
 from shard.native.model import LlamaForCausalLM
+from shard.native.pipeline import PPStage, apply_pipeline_parallel
 from shard.native.tp import (
     ShardSpec,
     TPGroup,
@@ -193,12 +195,14 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     tp: TPGroup,
+    pp: PPStage | None = None,
     load_format: str = "auto",
     cache_dir: str | None = None,
     attention: AttentionBackend | None = None,
     seed: int = 0,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Loads this rank's shard of `model_id` (see the module docstring for what model_id may be)."""
+    """Loads this rank's shard of `model_id` (see the module docstring for what model_id may be):
+    pipeline stage `pp` (default: the whole model), tensor-parallel rank `tp` within it."""
     device = torch.device(device)
     fmt, path = resolve_model_source(model_id, load_format)
     if fmt == "gguf":
@@ -207,7 +211,7 @@ def load_model(
         path, fmt = convert_gguf(path, cache_dir=cache_dir), "safetensors"
     config_path = path if path.is_file() else path / "config.json"
     config = ModelConfig.from_json_file(config_path)
-    model = build_sharded_model(config, dtype=dtype, device=device, tp=tp, attention=attention)
+    model = build_sharded_model(config, dtype=dtype, device=device, tp=tp, pp=pp, attention=attention)
     if fmt == "dummy":
         source: TensorSource = DummySource(config, seed=seed, device=device)
     else:
@@ -222,10 +226,12 @@ def build_sharded_model(
     dtype: torch.dtype,
     device: torch.device,
     tp: TPGroup,
+    pp: PPStage | None = None,
     attention: AttentionBackend | None = None,
 ) -> LlamaForCausalLM:
-    """An allocated but unfilled model holding this rank's shard shapes."""
-    if tp.size == 1:
+    """An allocated but unfilled model holding this rank's shard shapes (this stage's layers only)."""
+    pp = pp or PPStage.single()
+    if tp.size == 1 and pp.size == 1:
         # Allocated in place, uninitialized (the model skips init); avoids the meta device, whose
         # first use imports ~1 s of torch internals.
         with torch.device(device):
@@ -233,7 +239,8 @@ def build_sharded_model(
     else:
         with torch.device("meta"):
             model = LlamaForCausalLM(config, attention=attention, dtype=dtype)
-        apply_tensor_parallel(model, tp)
+        apply_tensor_parallel(model, tp)  # first: it shards the whole model's lm_head
+        apply_pipeline_parallel(model, pp)
         model.to_empty(device=device)
     model.rotary_emb.reset_inv_freq(device)
     model.eval()
@@ -264,7 +271,9 @@ def load_weights(model: LlamaForCausalLM, source: TensorSource, tp: TPGroup) -> 
         for part in parts:  # fused parameters: each part into its own rows, no concatenated copy
             param[offset : offset + part.shape[0]].copy_(part)
             offset += part.shape[0]
-    unused = sorted(n for n in available - used if not n.endswith("rotary_emb.inv_freq"))
+    # Tensors of other pipeline stages are skipped by design: warn only about what no stage uses.
+    whole = set(hf_param_shapes(model.config))
+    unused = sorted(n for n in available - used - whole if not n.endswith("rotary_emb.inv_freq"))
     if unused and not (model.config.tie_word_embeddings and unused == ["lm_head.weight"]):
         log.warning("checkpoint tensors not used by the model: %s", unused[:8])
 

@@ -230,5 +230,6 @@ def engine_info(
         supports_prefix_caching=False,
         supports_prefill_logprobs=False,
         max_top_n_tokens=0,  # the Executor returns the chosen token's logprob only
+        unsupported_parameters=("typical_p",),  # SamplingConfig has no typical-p filter
         engine_version=version,
     )
