@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,16 @@ def aggregate(records: Sequence[RequestRecord], duration_s: float) -> dict[str, 
         "e2e_ms": summarize([r.e2e for r in ok], scale=1e3),
         "output_tokens_per_request": summarize([r.output_tokens for r in ok]),
     }
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (e.g. from `timeout`) into SystemExit, so `with` blocks run and stop the
+    servers a benchmark started instead of leaving them holding the GPU."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 # ---------------------------------------------------------------------------------- machine facts

@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import format_table, machine_facts, write_results
+from bench.common import exit_on_sigterm, format_table, machine_facts, results_path, write_results
 
 
 def hf_part(gguf: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -68,7 +68,9 @@ def ours_part(gguf: str, args: argparse.Namespace) -> dict[str, Any]:
         str(max(2048, args.input_len + args.output_len)),
         *args.stack_args.split(),
     ]
-    with running_stack(stack_args, timeout=600) as stack:
+    # torch reads OMP_NUM_THREADS at start-up in the shard processes.
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    with running_stack(stack_args, timeout=600, env=env) as stack:
         url = stack.base_url
         asyncio.run(
             run_level(url, prompts(2), max_new_tokens=16, concurrency=None, extra_params=extra)
@@ -156,29 +158,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--runs", type=int, default=3, help="batch-1 requests / HF repeats")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for HF and the shards (0 = torch's default, one per core); on a busy machine 1 "
+        "avoids OpenMP threads waiting for each other",
+    )
     p.add_argument("--stack-args", default="", help="extra launcher flags for our stack")
     p.add_argument("--out", default=None, help="results JSON (default bench/results/cpu-cpu-<date>.json)")
     args = p.parse_args(argv)
+    exit_on_sigterm()
     from launcher.embedded import embedded_model_path
 
     gguf = embedded_model_path()
-    facts_before = machine_facts()
-    print("(c) ceiling: measuring memory bandwidth", flush=True)
-    res = {"ceiling": ceiling_part(gguf)}
-    print("(a) Hugging Face generate, batch 1 and static batch", args.concurrency, flush=True)
-    res["hf"] = hf_part(gguf, args)
-    print("(b) our stack over HTTP, batch 1 and", args.concurrency, "concurrent", flush=True)
-    res["ours"] = ours_part(gguf, args)
-    text, goals = report(res, args.concurrency)
-    payload = {
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    facts = machine_facts()
+    out = args.out or str(results_path("cpu", facts))
+    payload: dict[str, Any] = {
         "benchmark": "cpu",
-        "machine": facts_before,
-        "loadavg_1m_after": machine_facts()["loadavg_1m"],
+        "machine": facts,
         "params": {**vars(args), "model": gguf, "dtype": "float32"},
-        **res,
-        "goals": goals,
     }
-    path = write_results(payload, name="cpu", out=args.out)
+    # Each part is saved as soon as it is done: a run cut short keeps what it measured.
+    print("(c) ceiling: measuring memory bandwidth", flush=True)
+    payload["ceiling"] = ceiling_part(gguf)
+    write_results(payload, name="cpu", out=out)
+    print("(a) Hugging Face generate, batch 1 and static batch", args.concurrency, flush=True)
+    payload["hf"] = hf_part(gguf, args)
+    write_results(payload, name="cpu", out=out)
+    print("(b) our stack over HTTP, batch 1 and", args.concurrency, "concurrent", flush=True)
+    payload["ours"] = ours_part(gguf, args)
+    text, payload["goals"] = report(payload, args.concurrency)
+    payload["loadavg_1m_after"] = machine_facts()["loadavg_1m"]
+    path = write_results(payload, name="cpu", out=out)
     print(text)
     print(f"wrote {path}")
     return 0

@@ -34,6 +34,7 @@ import grpc
 
 from bench.common import (
     REPO,
+    exit_on_sigterm,
     format_table,
     machine_facts,
     parse_int_list,
@@ -418,6 +419,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     with contextlib.ExitStack() as stack:
         url = args.shard_url
         if args.launch:

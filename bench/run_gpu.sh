@@ -65,7 +65,7 @@ stage() {  # stage NAME LIMIT_S CMD... : runs CMD under a time limit, output to 
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  timeout -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -v '^\[shard\|^INFO\|^WARNING' | tail -n 15
+  timeout -k 60 "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -v '^\[shard\|^INFO\|^WARNING' | tail -n 15
   rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
 }

@@ -30,7 +30,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import RequestRecord, aggregate, format_table, machine_facts, results_path, write_results
+from bench.common import (
+    RequestRecord,
+    aggregate,
+    exit_on_sigterm,
+    format_table,
+    machine_facts,
+    results_path,
+    write_results,
+)
 
 PRESETS = ("128/128", "1000/1000", "2048/128", "1024/128")
 SAMPLES_PER_LEVEL = 5000  # ITL samples kept per level for CDF plots
@@ -47,7 +55,9 @@ def exact_prompt(
     and decode(ids) (router.tokenizer.Tokenizer)."""
     n_special = len(tok.encode("", add_special_tokens=True))  # BOS etc. the router adds
     if length <= n_special:
-        raise ValueError(f"a prompt of {length} tokens has no room for text beside {n_special} special token(s)")
+        raise ValueError(
+            f"a prompt of {length} tokens has no room for text beside {n_special} special token(s)"
+        )
     ids = [rng.choice(vocab) for _ in range(length - n_special)]
     best: tuple[str, int] | None = None
     for _ in range(tries):
@@ -314,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from router.tokenizer import load_tokenizer
 
     args = parse_args(argv)
+    exit_on_sigterm()
     tok = load_tokenizer(tokenizer_name(args))
     if args.save_tokenizer:
         tok.hf.save_pretrained(args.save_tokenizer)

@@ -39,7 +39,9 @@ def test_summarize_scales_and_counts():
 
 
 def test_request_record_ttft_itl_tpot():
-    r = RequestRecord(start=10.0, input_tokens=5, chunk_times=[10.5, 10.6, 10.8, 11.1], end=11.2, output_tokens=4)
+    r = RequestRecord(
+        start=10.0, input_tokens=5, chunk_times=[10.5, 10.6, 10.8, 11.1], end=11.2, output_tokens=4
+    )
     assert r.ok
     assert r.ttft == pytest.approx(0.5)
     assert r.e2e == pytest.approx(1.2)
@@ -141,10 +143,14 @@ def test_exact_prompt_with_the_embedded_tokenizer():
 
 
 def test_plan_and_prompt_counts():
-    args = SimpleNamespace(plan=["128/128,1024/128|1,inf|8,64", "2048/128|16|"], presets=[], concurrency=[],
-                           num_prompts=[])
-    assert plan(args) == [("128/128", [1, None], [8, 64]), ("1024/128", [1, None], [8, 64]),
-                          ("2048/128", [16], [])]
+    args = SimpleNamespace(
+        plan=["128/128,1024/128|1,inf|8,64", "2048/128|16|"], presets=[], concurrency=[], num_prompts=[]
+    )
+    assert plan(args) == [
+        ("128/128", [1, None], [8, 64]),
+        ("1024/128", [1, None], [8, 64]),
+        ("2048/128", [16], []),
+    ]
     assert num_prompts_for(1, [], 0) == 32 and num_prompts_for(64, [], 0) == 256
     assert num_prompts_for(None, [], 0) == 256
     assert num_prompts_for(None, [8, 64], 1) == 64 and num_prompts_for(16, [5], 3) == 5
@@ -160,9 +166,11 @@ def test_stream_one_reads_tgi_sse_events():
         await resp.prepare(request)
         for k in range(3):
             last = k == 2
-            event = {"token": {"id": k, "text": "x", "logprob": -1.0, "special": False},
-                     "generated_text": "xxx" if last else None,
-                     "details": {"finish_reason": "length", "generated_tokens": 3} if last else None}
+            event = {
+                "token": {"id": k, "text": "x", "logprob": -1.0, "special": False},
+                "generated_text": "xxx" if last else None,
+                "details": {"finish_reason": "length", "generated_tokens": 3} if last else None,
+            }
             await resp.write(f"data:{json.dumps(event)}\n\n".encode())
         return resp
 
@@ -176,8 +184,14 @@ def test_stream_one_reads_tgi_sse_events():
         port = site._server.sockets[0].getsockname()[1]
         try:
             async with ClientSession() as s:
-                return await stream_one(s, f"http://127.0.0.1:{port}", prompt="hi", input_tokens=1,
-                                        max_new_tokens=3, extra_params={"ignore_eos_token": True})
+                return await stream_one(
+                    s,
+                    f"http://127.0.0.1:{port}",
+                    prompt="hi",
+                    input_tokens=1,
+                    max_new_tokens=3,
+                    extra_params={"ignore_eos_token": True},
+                )
         finally:
             await runner.cleanup()
 
@@ -194,9 +208,9 @@ def test_engine_bench_against_a_real_shard(tmp_path):
     out = tmp_path / "engine.json"
     # 128 KV tokens = 8 blocks of 16; a request of 16 + 6 + 2 tokens needs 2 blocks, so 4 fit:
     # batch 8 must be skipped, not attempted.
-    rc = main(["--launch", "--model-id", "llama-tiny", "--shard-args", "--kv-cache-tokens 128 --dtype float32",
-               "--batch-sizes", "1,4,8", "--input-len", "16", "--decode-steps", "6", "--steps-per-call", "4",
-               "--prefill-lens", "32", "--runs", "1", "--out", str(out)])
+    flags = "--launch --model-id llama-tiny --batch-sizes 1,4,8 --input-len 16 --decode-steps 6 --steps-per-call 4"
+    flags += " --prefill-lens 32 --runs 1"
+    rc = main([*flags.split(), "--shard-args", "--kv-cache-tokens 128 --dtype float32", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["warmup"]["num_blocks"] == 8 and data["warmup"]["block_size"] == 16

@@ -1,8 +1,10 @@
 """NativeEngine: the PyTorch engine behind the shard's gRPC API (shard/engine/base.py).
 
 Per-request state lives here (tokens, block table, sampling state); the router decides who runs
-and owns block allocation. Every TP rank runs the same steps; rank 0's sampled ids are broadcast
-so all ranks feed identical tokens into the next step even if sampling were to diverge.
+and owns block allocation. Every rank runs the same steps. Under pipeline parallelism only the last
+stage has logits, so only it samples (and reports logprobs); the last rank's sampled ids are
+broadcast to every rank of the world, so all ranks feed identical tokens into the next step and
+stop alike (EOS, max_new_tokens), and TP ranks agree even if their sampling were to diverge.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from shard.engine.types import (
 )
 from shard.native.batch import DecodeBatch, build_prefill
 from shard.native.config import ModelConfig
+from shard.native.forward import ForwardBatch
 from shard.native.kv_cache import KVCache, kv_bytes_per_block
 from shard.native.memory import plan_kv_blocks
-from shard.native.sampler import Sampler, SamplingBatch, SamplingRow, make_generator
+from shard.native.sampler import RowSample, Sampler, SamplingBatch, SamplingRow, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,8 @@ class NativeEngine:
         dtype: torch.dtype,
         tp_rank: int = 0,
         tp_size: int = 1,
-        tp_group: object | None = None,
+        pp_rank: int = 0,
+        pp_size: int = 1,
         world_size: int = 1,
     ) -> None:
         self.model = model
@@ -92,7 +96,9 @@ class NativeEngine:
         self.opt = options
         self.device = device
         self.dtype = dtype
-        self.tp_rank, self.tp_size, self.tp_group, self.world_size = tp_rank, tp_size, tp_group, world_size
+        self.tp_rank, self.tp_size, self.world_size = tp_rank, tp_size, world_size
+        self.pp_rank, self.pp_size = pp_rank, pp_size
+        self.is_last_stage = pp_rank == pp_size - 1  # the only stage with logits
         self.block_size = options.block_size
         self.kv: KVCache | None = None
         self.seqs: dict[int, SeqState] = {}
@@ -106,11 +112,15 @@ class NativeEngine:
     @classmethod
     def create(cls, config, dist) -> NativeEngine:  # (ShardConfig, DistContext): shard/config.py, shard/dist.py
         from shard.native.loader import load_model, resolve_dtype
+        from shard.native.pipeline import PPStage
         from shard.native.tp import TPGroup
 
         device = dist.device
         dtype = resolve_dtype(config.dtype, device)
-        tp = TPGroup(rank=dist.tp_rank, size=dist.tp_size, group=getattr(dist, "tp_group", None))
+        tp = TPGroup(rank=dist.tp_rank, size=dist.tp_size, group=dist.tp_group)
+        pp = PPStage(
+            rank=dist.pp_rank, size=dist.pp_size, prev_rank=dist.pp_prev_rank, next_rank=dist.pp_next_rank
+        )
         attention = None
         if device.type == "cuda":
             from shard.native.attention import get_attention_backend
@@ -121,6 +131,7 @@ class NativeEngine:
             dtype=dtype,
             device=device,
             tp=tp,
+            pp=pp,
             load_format=config.load_format,
             cache_dir=config.cache_dir or None,
             attention=attention,
@@ -131,7 +142,9 @@ class NativeEngine:
             block_size=config.block_size,
             kv_cache_fraction=config.kv_cache_fraction,
             kv_cache_tokens=config.kv_cache_tokens,
-            cuda_graphs=config.cuda_graphs and device.type == "cuda",
+            # Not under pipeline parallelism: capturing the stages' NCCL send/recv is possible but
+            # not done here (each stage would capture its own half of every P2P pair).
+            cuda_graphs=config.cuda_graphs and device.type == "cuda" and dist.pp_size == 1,
             max_total_tokens=config.max_total_tokens,
         )
         return cls(
@@ -142,7 +155,8 @@ class NativeEngine:
             dtype=dtype,
             tp_rank=dist.tp_rank,
             tp_size=dist.tp_size,
-            tp_group=getattr(dist, "tp_group", None),
+            pp_rank=dist.pp_rank,
+            pp_size=dist.pp_size,
             world_size=dist.world_size,
         )
 
@@ -157,7 +171,7 @@ class NativeEngine:
             device_type=self.device.type,
             world_size=self.world_size,
             tp_size=self.tp_size,
-            pp_size=1,
+            pp_size=self.pp_size,
             engine=EngineKind.NATIVE,
             block_size=self.block_size,
             manages_kv_cache=False,
@@ -172,7 +186,7 @@ class NativeEngine:
         self.kv = None
         self._graphs = None
         per_block = kv_bytes_per_block(
-            num_layers=self.mc.num_layers,
+            num_layers=len(self.model.layers),  # this pipeline stage's
             block_size=self.block_size,
             num_kv_heads=self.model.num_local_kv_heads,
             head_dim=self.mc.head_dim,
@@ -191,7 +205,7 @@ class NativeEngine:
         # One extra block at the end is scratch for padded rows of captured decode graphs; the
         # router never sees it.
         self.kv = KVCache.allocate(
-            num_layers=self.mc.num_layers,
+            num_layers=len(self.model.layers),
             num_blocks=num_blocks + 1,
             block_size=self.block_size,
             num_kv_heads=self.model.num_local_kv_heads,
@@ -199,7 +213,7 @@ class NativeEngine:
             dtype=self.dtype,
             device=self.device,
         )
-        if self.opt.cuda_graphs and self.device.type == "cuda":
+        if self.opt.cuda_graphs and self.device.type == "cuda" and self.pp_size == 1:
             self._capture_graphs(spec, num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                  num_blocks * per_block / 2**30)
@@ -237,12 +251,12 @@ class NativeEngine:
             block_size=self.block_size,
             device=self.device,
         )
-        logits = self.model(batch, self.kv)  # (L, V) float32
+        logits = self._forward(batch)  # (L, V) float32; None before the last pipeline stage
         # The last logits row of each sequence picks its first token.
         rows, prompt_logprobs, offset = [], [], 0
         for s, r in zip(new, requests, strict=True):
             n = len(s.tokens) - r.prefix_len if r.prefill_logprobs else 1
-            if r.prefill_logprobs:
+            if r.prefill_logprobs and logits is not None:
                 prompt_logprobs.append(self._prompt_logprobs(logits[offset : offset + n], s.tokens))
             else:
                 prompt_logprobs.append(None)
@@ -251,7 +265,8 @@ class NativeEngine:
         for s in new:
             s.kv_len = len(s.tokens)
             self.seqs[s.id] = s
-        gens = self._sample_and_step(new, logits[torch.tensor(rows, device=logits.device)])
+        last_rows = None if logits is None else logits[torch.tensor(rows, device=logits.device)]
+        gens = self._sample_and_step(new, last_rows)
         forward_ns = time.perf_counter_ns() - start
         gens = [
             g if p is None else _with_prefill(g, p) for g, p in zip(gens, prompt_logprobs, strict=True)
@@ -351,8 +366,7 @@ class NativeEngine:
         if self._graphs is not None and self._graphs.supports(batch):
             logits = self._graphs(batch)
         else:
-            assert self.kv is not None
-            logits = self.model(batch, self.kv)
+            logits = self._forward(batch)
         for s in seqs:
             s.kv_len += 1
         if self._sampling_batch is None:
@@ -367,7 +381,14 @@ class NativeEngine:
             self._decode_batch = None
         return gens
 
-    def _sample_and_step(self, seqs: list[SeqState], logits: torch.Tensor) -> list[Generation]:
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """(L, V) float32 logits on the last pipeline stage; None on the others (their forward has
+        sent its hidden states on to the next stage)."""
+        assert self.kv is not None
+        out = self.model(batch, self.kv)
+        return out if self.is_last_stage else None
+
+    def _sample_and_step(self, seqs: list[SeqState], logits: torch.Tensor | None) -> list[Generation]:
         batch = self._sampling_batch_for(seqs)
         gens, _ = self._sample(seqs, logits, batch)
         for g in gens:
@@ -382,20 +403,31 @@ class NativeEngine:
         return SamplingBatch.prepare(rows, vocab_size=self.mc.vocab_size, device=self.device)
 
     def _sample(
-        self, seqs: list[SeqState], logits: torch.Tensor, batch: SamplingBatch
+        self, seqs: list[SeqState], logits: torch.Tensor | None, batch: SamplingBatch
     ) -> tuple[list[Generation], torch.Tensor]:
-        out = self.sampler(logits, batch)
-        ids = out.token_ids
-        if self.tp_size > 1:
-            # All ranks must feed identical ids into the next step: rank 0's choice wins.
+        """Samples on the last pipeline stage (logits given); the other stages get the ids only.
+
+        `batch` is prepared on every rank all the same: its validation must fail on all ranks alike,
+        or the others would wait in the broadcast below forever."""
+        if logits is not None:
+            out = self.sampler(logits, batch)
+            ids = out.token_ids
+        else:
+            out, ids = None, torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            # All ranks must feed identical ids into the next step and stop alike: the last rank's
+            # choice wins (the router reads the last rank's answer too, so ids and logprobs match).
             import torch.distributed as dist
 
-            src = dist.get_global_rank(self.tp_group, 0) if self.tp_group is not None else 0
-            dist.broadcast(ids, src=src, group=self.tp_group)
-        rows = out.to_host()  # the one device-to-host copy per step
+            dist.broadcast(ids, src=self.world_size - 1)
+        if out is not None:
+            rows = out.to_host()  # the one device-to-host copy per step
+            tokens = ids.tolist() if self.world_size > 1 else [r.token_id for r in rows]
+        else:  # logprobs exist on the last stage only
+            tokens = ids.tolist()
+            rows = [RowSample(token_id=t, logprob=math.nan, top_ids=(), top_logprobs=()) for t in tokens]
         gens = []
-        for s, row, tok in zip(seqs, rows, ids.tolist() if self.tp_size > 1 else (r.token_id for r in rows),
-                               strict=True):
+        for s, row, tok in zip(seqs, rows, tokens, strict=True):
             s.tokens.append(tok)
             s.generated += 1
             gens.append(

@@ -4,6 +4,8 @@ CPU: a token budget (--kv-cache-tokens), by default enough for many full-length 
 more than a quarter of the machine's available memory.
 CUDA: run the largest prefill the router will send against a throw-away cache to measure the
 activation peak, then give the KV cache `kv_cache_fraction` of what is free after it.
+Each rank plans for its own layers and kv heads (pipeline stages and uneven TP shards differ), then
+all ranks keep the smallest count: the router hands out one set of block ids valid on every rank.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed
 
 from shard.engine.types import WarmupSpec
 
@@ -39,13 +42,20 @@ def _available_host_bytes() -> int:
 def plan_kv_blocks(
     *, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, block_size: int, options: RuntimeOptions
 ) -> int:
+    """Blocks of the KV cache, the same on every rank (Warmup runs on all ranks together)."""
     if options.kv_cache_tokens:
         return math.ceil(options.kv_cache_tokens / block_size)
     if engine.device.type != "cuda":
         want = CPU_DEFAULT_REQUESTS * (spec.max_total_tokens + block_size)
         cap = _available_host_bytes() // 4 // bytes_per_block
-        return int(min(math.ceil(want / block_size), cap))
-    return _plan_cuda(engine=engine, spec=spec, bytes_per_block=bytes_per_block, options=options)
+        local = int(min(math.ceil(want / block_size), cap))
+    else:
+        local = _plan_cuda(engine=engine, spec=spec, bytes_per_block=bytes_per_block, options=options)
+    if engine.world_size == 1:
+        return local
+    fewest = torch.tensor([local], dtype=torch.int64, device=engine.device)
+    torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
+    return int(fewest.item())
 
 
 @torch.inference_mode()
@@ -59,7 +69,7 @@ def _plan_cuda(*, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(engine.device)
     scratch = KVCache.allocate(
-        num_layers=mc.num_layers,
+        num_layers=len(engine.model.layers),  # this pipeline stage's
         num_blocks=scratch_blocks,
         block_size=bs,
         num_kv_heads=engine.model.num_local_kv_heads,
@@ -67,7 +77,8 @@ def _plan_cuda(*, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, 
         dtype=engine.dtype,
         device=engine.device,
     )
-    # One sequence of `tokens` random ids: the largest single prefill the router may send.
+    # One sequence of `tokens` random ids: the largest single prefill the router may send. Under
+    # pipeline parallelism every stage runs it together (same T), passing hidden states along.
     ids = torch.randint(0, mc.vocab_size, (tokens,)).tolist()
     batch = build_prefill(
         new_tokens=[ids],

@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral, Qwen2) over the paged KV cache.
 
 Single-device by design: tensor parallelism is a transformation applied after construction
-(tp.py shrinks the linears to one rank's shard and installs the collectives), gpt-fast style.
+(tp.py shrinks the linears to one rank's shard and installs the collectives), gpt-fast style, and
+so is pipeline parallelism (pipeline.py keeps a slice of the layers and swaps the ends for send/recv).
 Numerics follow transformers' LlamaForCausalLM: RMSNorm in float32 then cast, RoPE with the
 rotate_half convention and cos/sin computed in float32 from positions, SwiGLU.
 
@@ -192,8 +193,10 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, backend, dtype=dtype) for _ in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.layer_offset = 0  # index of layers[0] in the whole model (a pipeline stage keeps a slice)
+        # None on an earlier pipeline stage (pipeline.py): it hands its hidden states on instead.
+        self.norm: RMSNorm | None = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head: Linear | None = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # tp.py unties when it shards the head
 
@@ -208,12 +211,17 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
-        """float32 logits (len(batch.logits_indices), vocab_size), the full vocabulary on every rank."""
+        """float32 logits (len(batch.logits_indices), vocab_size), the full vocabulary on every rank.
+
+        A model without a head (an earlier pipeline stage) returns the (T, hidden) hidden states of
+        every token instead. kv_cache holds this model's layers only (layer i at index i)."""
         meta = AttentionMetadata.from_batch(batch)
-        h = self.embed_tokens(batch.input_ids)  # (T, hidden)
+        h = self.embed_tokens(batch.input_ids)  # (T, hidden); a later pipeline stage receives it
         cos, sin = self.rotary_emb(batch.positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, kv_cache.k[i], kv_cache.v[i], meta)
+        if self.lm_head is None or self.norm is None:
+            return h
         # Norm is per row, so only the rows that need logits are normalized and projected.
         h = self.norm(h[batch.logits_indices])
         return self.lm_head(h).float()
@@ -222,6 +230,9 @@ class LlamaForCausalLM(nn.Module):
         """Hugging Face tensors making up parameter `name`, in dim-0 concatenation order."""
         if name == "lm_head.weight":
             return ["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+        if name.startswith("layers."):  # local layer index -> the checkpoint's
+            index, _, rest = name.removeprefix("layers.").partition(".")
+            name = f"layers.{int(index) + self.layer_offset}.{rest}"
         module_path, _, leaf = name.rpartition(".")
         parent, _, module = module_path.rpartition(".")
         parts = PACKED_MODULES.get(module, (module,))
