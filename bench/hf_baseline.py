@@ -10,9 +10,11 @@ model. Prompts are random token ids of exact length, no padding. Greedy, min_new
 max_new_tokens so every sequence has exactly the asked length. Eager PyTorch (no torch.compile),
 sdpa attention, dynamic KV cache unless --static-cache.
 
-Per batch size B with input I and output N (medians of --runs):
-  prefill time t1 = generate(max_new_tokens=1); tN = generate(max_new_tokens=N);
-  decode tok/s = B*(N-1)/(tN - t1); output tok/s = B*N/tN.
+Per batch size B with input I and output N, each generate(max_new_tokens=N) timestamps every
+token step through a streamer (medians over --runs): prefill t1 = call -> first token step;
+decode tok/s = B*(N-1)/(tN - t1) with tN the last step; output tok/s = B*N/total; step_ms: every
+decode step's latency (p50/p99). Taking t1 and tN in the same call keeps a slow outlier call
+from skewing the difference.
 Serving presets (--presets, --preset-batches): one static batch of the concurrency size per
 preset, output tok/s = B*OUT/t (what a static-batching server would reach at that load).
 """
@@ -24,7 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import format_table, machine_facts, parse_int_list, percentile, write_results
+from bench.common import format_table, machine_facts, parse_int_list, percentile, summarize, write_results
 
 
 def build_model(spec: str, *, device: str, dtype: Any, seed: int) -> tuple[Any, int, str]:
@@ -63,11 +65,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_generate(model: Any, ids: Any, *, new_tokens: int, device: str, static_cache: bool) -> float:
-    """Seconds for one generate() of exactly `new_tokens` tokens per sequence."""
+class _TokenClock:
+    """A generate() streamer that only timestamps: put() is called once with the prompt, then once
+    per step with that step's tokens (after a device sync, since it moves them to the host)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def timed_generate(
+    model: Any, ids: Any, *, new_tokens: int, device: str, static_cache: bool
+) -> tuple[float, list[float]]:
+    """One generate() of exactly `new_tokens` tokens per sequence: (total seconds, the time each
+    token step arrived, measured from the call)."""
     import torch
 
     kwargs: dict[str, Any] = {"cache_implementation": "static"} if static_cache else {}
+    clock = _TokenClock()
     _sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -78,12 +98,15 @@ def timed_generate(model: Any, ids: Any, *, new_tokens: int, device: str, static
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
+            streamer=clock,
             **kwargs,
         )
     _sync(device)
-    dt = time.perf_counter() - t0
+    total = time.perf_counter() - t0
     assert out.shape[1] == ids.shape[1] + new_tokens, (out.shape, ids.shape, new_tokens)
-    return dt
+    steps = clock.times[1:]  # the first put() is the prompt
+    assert len(steps) == new_tokens, (len(steps), new_tokens)
+    return total, [t - t0 for t in steps]
 
 
 def bench_shape(
@@ -98,36 +121,34 @@ def bench_shape(
     static_cache: bool,
     seed: int,
 ) -> dict[str, Any]:
+    """Medians over `runs` generate() calls of `batch` random prompts (see the module docstring)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, input_len), generator=gen).to(device)
     row: dict[str, Any] = {"batch": batch, "input_len": input_len, "output_len": output_len}
+    totals, firsts, decodes, steps = [], [], [], []
     try:
         timed_generate(model, ids, new_tokens=2, device=device, static_cache=static_cache)  # warm-up
-        t1 = percentile(
-            [
-                timed_generate(model, ids, new_tokens=1, device=device, static_cache=static_cache)
-                for _ in range(runs)
-            ],
-            50,
-        )
-        tn = percentile(
-            [
-                timed_generate(model, ids, new_tokens=output_len, device=device, static_cache=static_cache)
-                for _ in range(runs)
-            ],
-            50,
-        )
+        for _ in range(runs):
+            total, times = timed_generate(
+                model, ids, new_tokens=output_len, device=device, static_cache=static_cache
+            )
+            totals.append(total)
+            firsts.append(times[0])
+            decodes.append(times[-1] - times[0])
+            steps += [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
     except torch.OutOfMemoryError as e:
         return {**row, "error": f"out of memory: {str(e)[:120]}"}
+    decode = percentile(decodes, 50)
     row.update(
         {
-            "prefill_ms": t1 * 1e3,
-            "total_ms": tn * 1e3,
-            "decode_tok_s": batch * (output_len - 1) / (tn - t1) if output_len > 1 else float("nan"),
-            "output_tok_s": batch * output_len / tn,
-            "tpot_ms": (tn - t1) / (output_len - 1) * 1e3 if output_len > 1 else float("nan"),
+            "prefill_ms": percentile(firsts, 50) * 1e3,
+            "total_ms": percentile(totals, 50) * 1e3,
+            "decode_tok_s": batch * (output_len - 1) / decode if output_len > 1 else float("nan"),
+            "output_tok_s": batch * output_len / percentile(totals, 50),
+            "tpot_ms": decode / (output_len - 1) * 1e3 if output_len > 1 else float("nan"),
+            "step_ms": summarize(steps, scale=1e3),
         }
     )
     if device.startswith("cuda"):

@@ -103,8 +103,10 @@ def test_tiny_llama_greedy_equals_transformers(tmp_path, dtype, graphs):
     exact = 0
     for p, o in zip(prompts, ours, strict=True):
         with torch.inference_mode():
-            ref = hf.generate(torch.tensor([p], device=CUDA), max_new_tokens=24, min_new_tokens=24,
-                              do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+            # Our requests ignore EOS (and may pick it); transformers' min_new_tokens would mask it.
+            hf.generation_config.eos_token_id = None
+            ref = hf.generate(torch.tensor([p], device=CUDA), max_new_tokens=24, do_sample=False,
+                              pad_token_id=0)[0, len(p):].tolist()
         if dtype == torch.float32:
             assert o == ref  # token for token
         exact += o == ref
@@ -146,22 +148,8 @@ def test_llama8b_shapes_logits_and_greedy(llama8b_4layers):
         worst = max(worst, gap)
         # bf16 logits here carry errors of ~0.16 (transformers' own bf16 run measures the same)
         assert gap <= 0.35, f"picked a token {gap:.3f} below fp32 argmax"
-    # Prefill logits of the engine's model vs fp32 transformers: relative error at bf16 level.
-    from shard.native.kv_cache import KVCache
-    from tests.native_helpers import Seq, build_batch
-
-    cache = KVCache.allocate(num_layers=mc.num_layers, num_blocks=80, block_size=BS,
-                             num_kv_heads=model.num_local_kv_heads, head_dim=mc.head_dim,
-                             dtype=torch.bfloat16, device=CUDA)
-    p = prompts[0]
-    batch = build_batch([Seq(p, 0, list(range(70)))], block_size=BS, is_prefill=True, all_logits=True,
-                        device=CUDA)
-    with torch.inference_mode():
-        ours_logits = model(batch, cache)
-        ref = hf(torch.tensor([p], device=CUDA)).logits[0].float()
-    rel = ((ours_logits - ref).norm() / ref.norm()).item()
-    print(f"8B-shape 4 layers: prefill logits rel err {rel:.2e}, worst greedy gap {worst:.3f}")
-    assert rel < 2e-2
+    print(f"8B-shape 4 layers: worst teacher-forced greedy gap {worst:.3f}")
+    assert_low_precision_logits(model, mc, hf, prompts[0], torch.bfloat16)
 
 
 def test_graphs_match_eager_decode(llama8b_4layers):

@@ -73,6 +73,7 @@ class RuntimeOptions:
     kv_cache_fraction: float = 0.9
     kv_cache_tokens: int = 0
     cuda_graphs: bool = True
+    fused_kernels: bool = True  # CUDA, bf16/fp16: Triton RMSNorm/residual/rotary (fp32 stays eager, HF-exact)
     max_total_tokens: int = 0
 
 
@@ -99,6 +100,8 @@ class NativeEngine:
         self.tp_rank, self.tp_size, self.world_size = tp_rank, tp_size, world_size
         self.pp_rank, self.pp_size = pp_rank, pp_size
         self.is_last_stage = pp_rank == pp_size - 1  # the only stage with logits
+        if options.fused_kernels and device.type == "cuda" and dtype != torch.float32:
+            model.enable_fused_kernels()
         self.block_size = options.block_size
         self.kv: KVCache | None = None
         self.seqs: dict[int, SeqState] = {}
@@ -182,6 +185,7 @@ class NativeEngine:
         )
 
     def warmup(self, spec: WarmupSpec) -> WarmupResult:
+        self._bind_device()
         self.clear()
         self.kv = None
         self._graphs = None
@@ -239,6 +243,7 @@ class NativeEngine:
 
     @torch.inference_mode()
     def prefill(self, requests: Sequence[NewRequest]) -> StepResult:
+        self._bind_device()
         if self.kv is None:
             raise InvalidRequestError("Prefill before Warmup")
         new = [self._admit(r) for r in requests]
@@ -276,6 +281,7 @@ class NativeEngine:
 
     @torch.inference_mode()
     def decode(self, extensions: dict[int, Sequence[int]], max_steps: int) -> StepResult:
+        self._bind_device()
         for rid, blocks in extensions.items():
             seq = self.seqs.get(rid)
             if seq is None:
@@ -310,6 +316,13 @@ class NativeEngine:
         self.kv = None
 
     # -- internals --------------------------------------------------------------------------------
+    def _bind_device(self) -> None:
+        """The gRPC layer calls us from a worker thread, and CUDA's current device is per thread:
+        Triton launches (and graph capture) use the current device, so rank r must select GPU r
+        here, not only in the main thread."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def _admit(self, r: NewRequest) -> SeqState:
         if r.id in self.seqs:
             raise InvalidRequestError(f"Prefill: request id {r.id} is already running")
