@@ -109,7 +109,10 @@ class Backend:
                     f"the KV cache holds {capacity} tokens, less than one request of --max-total-tokens "
                     f"{limits.max_total_tokens}: lower --max-total-tokens or give the KV cache more memory"
                 )
-            limits = replace(limits, max_batch_total_tokens=min(limits.max_batch_total_tokens, capacity))
+            # Paged engines admit by free blocks; the flag can only lower the budget below capacity.
+            limits = replace(limits, max_batch_total_tokens=min(cfg.max_batch_total_tokens or capacity, capacity))
+        elif not cfg.max_batch_total_tokens and warm.max_supported_total_tokens:
+            limits = replace(limits, max_batch_total_tokens=warm.max_supported_total_tokens)
         self.info, self.limits = info, limits
         self.scheduler = Scheduler(
             client=self.client,

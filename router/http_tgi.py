@@ -52,6 +52,7 @@ def params_from_tgi(p: GenerateParameters | None) -> Params:
         seed=p.seed,
         top_n_tokens=p.top_n_tokens,
         decoder_input_details=bool(p.decoder_input_details),
+        ignore_eos_token=bool(p.ignore_eos_token),
         watermark=bool(p.watermark),
         grammar=p.grammar is not None,
         adapter_id=p.adapter_id,

@@ -4,13 +4,75 @@ Module-level objects with fixed Python names: the HTTP layer records the per-req
 (REQUEST_*), the scheduler the batch, queue, KV-cache and prefix-cache ones. /metrics serves
 prometheus_client.generate_latest(); nothing here writes the exposition format by hand.
 
-Counters follow prometheus-client's convention: a counter named tgi_request_count is exposed as the
-sample tgi_request_count_total (TGI's Rust exporter omits the suffix).
+Counters keep TGI's exact sample names (tgi_request_count, not prometheus-client's
+tgi_request_count_total) so existing TGI dashboards and alerts work: they are TgiCounter objects,
+exposed by a small collector that hands prometheus-client ready-made counter families.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+
+
+class TgiCounter:
+    """A monotonically increasing counter, exposed under its name without a `_total` suffix.
+    Same calling surface as prometheus-client's Counter for what the router uses:
+    inc(amount) and labels(**values).inc(amount)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] | list[str] = ()) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+        _COUNTERS.append(self)
+
+    def labels(self, **values: str) -> _Child:
+        assert set(values) == set(self.labelnames), values
+        return _Child(self, tuple(str(values[n]) for n in self.labelnames))
+
+    def inc(self, amount: float = 1.0) -> None:
+        assert not self.labelnames, "use labels(...).inc()"
+        self._add((), amount)
+
+    def _add(self, key: tuple[str, ...], amount: float) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def metric(self) -> Metric:
+        # "untyped": prometheus-client would rename a counter family to <name>_total in HELP/TYPE
+        # while our samples keep TGI's bare name; rate() works on untyped series all the same.
+        m = Metric(self.name, self.documentation, "unknown")
+        with self._lock:
+            items = list(self._values.items()) or ([((), 0.0)] if not self.labelnames else [])
+        for key, value in items:
+            m.add_sample(self.name, dict(zip(self.labelnames, key, strict=True)), value)
+        return m
+
+
+class _Child:
+    def __init__(self, parent: TgiCounter, key: tuple[str, ...]) -> None:
+        self._parent, self._key = parent, key
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._parent._add(self._key, amount)  # noqa: SLF001
+
+
+_COUNTERS: list[TgiCounter] = []
+
+
+class _CounterCollector:
+    def collect(self) -> Iterator[Metric]:
+        for counter in _COUNTERS:
+            yield counter.metric()
+
+
+REGISTRY.register(_CounterCollector())
+Counter = TgiCounter  # the module's counters below are all TGI-named
 
 # TGI's duration buckets: a geometric series 0.0001 * 1.5**k, k = 1..35 (~0.00015 s to ~1.9e2 s).
 DURATION_BUCKETS: tuple[float, ...] = tuple(0.0001 * 1.5**k for k in range(1, 36))

@@ -39,6 +39,9 @@ class GenerateParameters(BaseModel):
     decoder_input_details: bool | None = Field(False, description="Return prompt token logprobs")
     seed: int | None = Field(None, description="Sampling seed")
     top_n_tokens: int | None = Field(None, description="Return the n most likely tokens at each step")
+    ignore_eos_token: bool | None = Field(
+        False, description="Extension (TGI's internal stopping parameter, vLLM's ignore_eos): keep generating past EOS"
+    )
     grammar: Any | None = Field(None, description="Not supported: a grammar is rejected")
     adapter_id: str | None = Field(None, description="Not supported: an adapter is rejected")
 

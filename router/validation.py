@@ -53,6 +53,7 @@ class Params:
     seed: int | None = None
     top_n_tokens: int | None = None
     decoder_input_details: bool = False
+    ignore_eos_token: bool = False
     watermark: bool = False
     grammar: bool = False  # a grammar was given
     adapter_id: str | None = None
@@ -190,6 +191,7 @@ def build_request(
         input_ids=tuple(input_ids),
         sampling=sampling,
         max_new_tokens=max_new_tokens,
+        ignore_eos_token=p.ignore_eos_token,
         stop_token_ids=stop_token_ids,
         top_n_tokens=p.top_n_tokens or 0,
         prefill_logprobs=p.decoder_input_details,

@@ -220,3 +220,34 @@ def test_engine_bench_against_a_real_shard(tmp_path):
         assert b["decode_step_ms"]["n"] == 6  # 4 + 2 steps in two Decode calls
         assert b["decode_tok_s"] == pytest.approx(b["batch"] / (b["decode_step_ms"]["p50"] / 1e3))
     assert data["prefill"][0]["input_len"] == 32 and data["prefill"][0]["prefill_ms"]["n"] == 1
+
+
+def test_hf_baseline_uses_the_engine_dummy_weights_and_times_every_step():
+    import torch
+
+    from bench.hf_baseline import bench_shape, build_model
+    from shard.native.loader import dummy_tensor
+
+    model, vocab, source = build_model("llama-tiny", device="cpu", dtype=torch.float32, seed=3)
+    w = model.model.layers[2].mlp.up_proj.weight
+    assert torch.equal(
+        w,
+        dummy_tensor(
+            "model.layers.2.mlp.up_proj.weight", tuple(w.shape), seed=3, dtype=torch.float32, device="cpu"
+        ),
+    )
+    assert vocab == 49152 and source.startswith("dummy")
+    r = bench_shape(
+        model,
+        batch=2,
+        input_len=8,
+        output_len=5,
+        vocab=vocab,
+        runs=2,
+        device="cpu",
+        static_cache=False,
+        seed=0,
+    )
+    assert r["step_ms"]["n"] == 2 * 4  # (N - 1) decode steps per run
+    assert r["decode_tok_s"] == pytest.approx(2 / (r["tpot_ms"] / 1e3))
+    assert 0 < r["prefill_ms"] < r["total_ms"]

@@ -120,3 +120,85 @@ def test_greedy_matches_transformers_tp2(hf):
         for q in QUESTIONS[:3]:
             prompt = chat_prompt(tok, q)
             assert token_ids(generate(stack.base_url, prompt, 24)) == hf_greedy(hf, prompt, 24), q
+
+
+def metric(base_url: str, name: str) -> float:
+    """Sum of a metric's samples in /metrics (prometheus text format)."""
+    total = 0.0
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_repeated_long_prompt_reuses_cached_prefix(stack_tp1, hf):
+    _, tok = hf
+    prompt = chat_prompt(tok, "Summarize this: " + " ".join(f"item {i} is blue;" for i in range(60)))
+    first = generate(stack_tp1.base_url, prompt, 8)
+    hits = metric(stack_tp1.base_url, "tgi_prefix_cache_hit_tokens")
+    second = generate(stack_tp1.base_url, prompt, 8)
+    gained = metric(stack_tp1.base_url, "tgi_prefix_cache_hit_tokens") - hits
+    n = len(tok(prompt).input_ids)
+    assert gained >= (n - 1) // 16 * 16 - 16 > 200  # all full blocks but at most the last came from the cache
+    assert token_ids(second) == token_ids(first)
+
+
+@pytest.fixture(scope="module")
+def split_stack():
+    """docker-compose's layout on one machine: the shard world alone on TCP (--mode shards), and a
+    router-only launcher pointed at it (--mode router)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.stack import REPO, free_port
+
+    port = free_port()
+    log = open(tempfile.mktemp(prefix="shards-", suffix=".log"), "wb")  # noqa: SIM115
+    shards = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "--mode", "shards", "--shard-host", "127.0.0.1", "--shard-port", str(port),
+         *STACK_ARGS],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        with running_stack(["--mode", "router", "--shard-address", f"127.0.0.1:{port}", "--disable-prefix-caching",
+                            *STACK_ARGS]) as router:
+            yield router
+    finally:
+        shards.send_signal(signal.SIGTERM)
+        try:
+            assert shards.wait(timeout=30) == 0
+        finally:
+            if shards.poll() is None:
+                os.killpg(shards.pid, signal.SIGKILL)
+            log.close()
+
+
+def test_split_shards_and_router_over_tcp(split_stack, hf):
+    _, tok = hf
+    prompt = chat_prompt(tok, QUESTIONS[0])
+    assert token_ids(generate(split_stack.base_url, prompt, 12)) == hf_greedy(hf, prompt, 12)
+
+
+def test_cancelled_stream_gives_its_blocks_back(split_stack, hf):
+    """A client that disconnects mid-stream: its request leaves the batch and its KV blocks are
+    freed (prefix caching is off on this router, so 'used' must fall back to zero)."""
+    import time
+
+    _, tok = hf
+    body = {"inputs": chat_prompt(tok, QUESTIONS[3]),
+            "parameters": {"max_new_tokens": 400, "ignore_eos_token": True}}
+    with httpx.stream("POST", split_stack.base_url + "/generate_stream", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        events = [line for _, line in zip(range(12), lines, strict=False) if line.startswith("data:")]
+        assert events
+        assert metric(split_stack.base_url, "tgi_kv_cache_blocks_used") > 0
+        assert metric(split_stack.base_url, "tgi_batch_current_size") == 1
+    deadline = time.monotonic() + 15
+    while metric(split_stack.base_url, "tgi_kv_cache_blocks_used") > 0 or metric(
+        split_stack.base_url, "tgi_batch_current_size"
+    ):
+        assert time.monotonic() < deadline, "blocks of the cancelled request were not freed"
+        time.sleep(0.2)

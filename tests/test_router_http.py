@@ -280,15 +280,17 @@ def test_errors_mid_stream_and_overload(tok):
         r = httpx.post(srv.base_url + "/generate_stream", json={"inputs": "Q"})
         assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
         metrics = httpx.get(srv.base_url + "/metrics").text
-        assert 'tgi_request_failure_total{err="overloaded"}' in metrics
+        assert 'tgi_request_failure{err="overloaded"}' in metrics
 
 
 def test_metrics_expose_tgi_names(client):
     client.post("/generate", json={"inputs": "Q", "parameters": {"max_new_tokens": 2}})
     text = client.get("/metrics").text
+    # TGI's exact counter names (dashboards), not prometheus-client's <name>_total
+    assert "\ntgi_request_count " in text and "tgi_request_count_total" not in text
     for name in (
-        "tgi_request_count_total",
-        "tgi_request_success_total",
+        "tgi_request_count",
+        "tgi_request_success",
         "tgi_request_duration_bucket",
         "tgi_request_queue_duration",
         "tgi_request_inference_duration",

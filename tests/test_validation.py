@@ -456,3 +456,11 @@ def test_parameters_the_engine_cannot_honour_are_422():
         r = c.post("/generate", json=gen("Hi", top_n_tokens=2, max_new_tokens=2))
         assert r.status_code == 422 and "top_n_tokens" in r.json()["error"]
         assert c.post("/generate", json=gen("Hi", temperature=0.5, max_new_tokens=2)).status_code == 200
+
+
+def test_ignore_eos_token_reaches_the_scheduler(server, client):
+    r = client.post("/generate", json=gen("Hello", max_new_tokens=3, ignore_eos_token=True))
+    assert r.status_code == 200
+    assert server.backend.scheduler.submitted[-1].ignore_eos_token is True
+    client.post("/generate", json=gen("Hello", max_new_tokens=3))
+    assert server.backend.scheduler.submitted[-1].ignore_eos_token is False
