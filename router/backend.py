@@ -111,6 +111,11 @@ class Backend:
                 )
             # Paged engines admit by free blocks; the flag can only lower the budget below capacity.
             limits = replace(limits, max_batch_total_tokens=min(cfg.max_batch_total_tokens or capacity, capacity))
+            if limits.max_batch_total_tokens < limits.max_total_tokens + warm.block_size:
+                raise StartupError(
+                    f"--max-batch-total-tokens {limits.max_batch_total_tokens} cannot hold one request of "
+                    f"--max-total-tokens {limits.max_total_tokens}: raise it or lower --max-total-tokens"
+                )
         elif not cfg.max_batch_total_tokens and warm.max_supported_total_tokens:
             limits = replace(limits, max_batch_total_tokens=warm.max_supported_total_tokens)
         self.info, self.limits = info, limits

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -48,57 +47,6 @@ class WaitingQueue(Generic[T]):
         return iter(self._entries)
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """What admission needs to know of one waiting entry."""
-
-    prompt_tokens: int  # tokens the prefill computes: prompt (+ generated, if preempted) - prefix hit
-    total_tokens: int  # tokens it counts against max_batch_total_tokens once running
-    blocks_needed: int  # fresh KV blocks needed now, cached prefix excluded (0: engine manages KV)
-
-
-def admit(
-    candidates: Sequence[Candidate],
-    *,
-    free_blocks: int,
-    running: int,
-    max_batch_size: int | None,
-    max_batch_prefill_tokens: int,
-    max_batch_total_tokens: int | None,
-    running_tokens: int,
-) -> int:
-    """How many of the leading candidates join the next prefill: FIFO, no skipping, so the first one
-    that does not fit stops admission (later, smaller ones wait behind it: no starvation).
-
-    Admitted entries k satisfy, all together:
-      running + k <= max_batch_size                        (None: no count limit)
-      sum(prompt_tokens) <= max_batch_prefill_tokens
-      sum(blocks_needed) <= free_blocks                    (pass free + evictable blocks)
-      running_tokens + sum(total_tokens) <= max_batch_total_tokens   (None: no token limit)
-    The head gets no exemption: validation keeps a fresh prompt within max_batch_prefill_tokens, but
-    a preempted entry recomputing prompt + generated tokens may exceed it, and then waits forever
-    unless the scheduler handles it (e.g. a larger budget when nothing runs).
-    """
-    k = 0
-    prefill = 0
-    blocks = 0
-    tokens = running_tokens
-    for c in candidates:
-        if max_batch_size is not None and running + k + 1 > max_batch_size:
-            break
-        if prefill + c.prompt_tokens > max_batch_prefill_tokens:
-            break
-        if blocks + c.blocks_needed > free_blocks:
-            break
-        if max_batch_total_tokens is not None and tokens + c.total_tokens > max_batch_total_tokens:
-            break
-        k += 1
-        prefill += c.prompt_tokens
-        blocks += c.blocks_needed
-        tokens += c.total_tokens
-    return k
-
-
 def min_new_batch_size(
     *, running: int, steps_since_prefill: int, waiting_served_ratio: float, max_waiting_tokens: int
 ) -> int | None:
@@ -132,7 +80,7 @@ def should_prefill(
       decoding undisturbed.
 
     TGI also drops the new batch when fewer than that minimum actually fit (budgets, blocks): the
-    scheduler checks `admit(...) >= min_new_batch_size(...)` for that half of the rule.
+    scheduler does not apply that half: whatever fits of the waiting FIFO joins.
     """
     if waiting == 0:
         return False

@@ -49,7 +49,8 @@ class Scheduler:
         self.paged = not info.manages_kv_cache
         self.kv = (
             KvPlanner(
-                num_blocks=info.num_blocks,
+                # --max-batch-total-tokens caps the blocks handed out (as TGI v3 sizes its allocator)
+                num_blocks=min(info.num_blocks, limits.max_batch_total_tokens // info.block_size),
                 block_size=info.block_size,
                 prefix_caching=prefix_caching and info.supports_prefix_caching,
             )

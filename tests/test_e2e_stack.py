@@ -202,3 +202,19 @@ def test_cancelled_stream_gives_its_blocks_back(split_stack, hf):
     ):
         assert time.monotonic() < deadline, "blocks of the cancelled request were not freed"
         time.sleep(0.2)
+
+
+def test_all_in_one_mode_over_tcp_with_a_token_budget(hf):
+    """The default mode with the shards on TCP; --max-batch-total-tokens caps the KV blocks the
+    router hands out (reported in /info), and requests still complete within it."""
+    from tests.stack import free_port
+
+    _, tok = hf
+    args = [*STACK_ARGS, "--shard-host", "127.0.0.1", "--shard-port", str(free_port()),
+            "--max-batch-total-tokens", "4096"]
+    with running_stack(args) as stack:
+        assert httpx.get(stack.base_url + "/info").json()["max_batch_total_tokens"] == 4096
+        prompt = chat_prompt(tok, QUESTIONS[2])
+        assert token_ids(generate(stack.base_url, prompt, 10)) == hf_greedy(hf, prompt, 10)
+        assert metric(stack.base_url, "tgi_kv_cache_blocks_used") + metric(
+            stack.base_url, "tgi_kv_cache_blocks_free") == 4096 // 16

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from router.queue import Candidate, WaitingQueue, admit, min_new_batch_size, should_prefill
+from router.queue import WaitingQueue, min_new_batch_size, should_prefill
 
 
 @dataclass
@@ -26,58 +26,6 @@ def test_waiting_queue_fifo_front_remove() -> None:
     assert [r.name for r in q] == ["preempted", "a", "c"]
     assert q.pop() is p and q.pop() is a and q.pop() is c and q.pop() is None
     assert len(q) == 0
-
-
-def cands(*specs: tuple[int, int, int]) -> list[Candidate]:
-    return [Candidate(prompt_tokens=p, total_tokens=t, blocks_needed=b) for p, t, b in specs]
-
-
-BASE = dict(
-    free_blocks=100,
-    running=0,
-    max_batch_size=None,
-    max_batch_prefill_tokens=100,
-    max_batch_total_tokens=None,
-    running_tokens=0,
-)
-
-
-@pytest.mark.parametrize(
-    ("name", "candidates", "overrides", "expected"),
-    [
-        ("empty", cands(), {}, 0),
-        ("all fit", cands((10, 10, 1), (20, 20, 2), (30, 30, 3)), {}, 3),
-        ("prefill budget exact", cands((50, 50, 1), (50, 50, 1), (1, 1, 1)), {}, 2),
-        ("head over prefill budget", cands((101, 101, 7)), {}, 0),
-        ("prefix hit shrinks prefill", cands((60, 90, 1), (40, 90, 1)), {}, 2),
-        ("no skipping past a big one", cands((10, 10, 1), (95, 95, 1), (1, 1, 1)), {}, 1),
-        ("blocks exact", cands((1, 1, 3), (1, 1, 2), (1, 1, 1)), {"free_blocks": 5}, 2),
-        ("no blocks for head", cands((1, 1, 3)), {"free_blocks": 2}, 0),
-        ("engine-managed kv: 0 blocks", cands((1, 1, 0), (1, 1, 0)), {"free_blocks": 0}, 2),
-        (
-            "batch size counts running",
-            cands((1, 1, 1), (1, 1, 1), (1, 1, 1)),
-            {"running": 3, "max_batch_size": 5},
-            2,
-        ),
-        ("batch full", cands((1, 1, 1)), {"running": 4, "max_batch_size": 4}, 0),
-        (
-            "total tokens with running",
-            cands((10, 30, 1), (10, 30, 1)),
-            {"max_batch_total_tokens": 100, "running_tokens": 60},
-            1,
-        ),
-        (
-            "total tokens exact",
-            cands((10, 20, 1), (10, 20, 1)),
-            {"max_batch_total_tokens": 100, "running_tokens": 60},
-            2,
-        ),
-        ("total tokens unlimited", cands((10, 10**6, 1)), {"running_tokens": 10**9}, 1),
-    ],
-)
-def test_admit(name: str, candidates: list[Candidate], overrides: dict, expected: int) -> None:
-    assert admit(candidates, **{**BASE, **overrides}) == expected, name
 
 
 @pytest.mark.parametrize(
