@@ -218,3 +218,13 @@ def test_all_in_one_mode_over_tcp_with_a_token_budget(hf):
         assert token_ids(generate(stack.base_url, prompt, 10)) == hf_greedy(hf, prompt, 10)
         assert metric(stack.base_url, "tgi_kv_cache_blocks_used") + metric(
             stack.base_url, "tgi_kv_cache_blocks_free") == 4096 // 16
+
+
+def test_third_party_clients_against_the_real_stack(stack_tp1):
+    """text-generation 0.7.0, openai and huggingface_hub against launcher -> shard -> router."""
+    from tests import client_checks
+
+    client_checks.check_tgi_client(stack_tp1.base_url)
+    client_checks.check_tgi_client_chat(stack_tp1.base_url)
+    client_checks.check_openai_client(stack_tp1.base_url)
+    client_checks.check_hf_hub_client(stack_tp1.base_url)
