@@ -286,7 +286,7 @@ async def run_bench(
         for n in args.prefill_lens:
             result["prefill"].append(await bench_prefill(client, length=n, runs=args.runs, **common))
             save(result)
-        for b in sizes:
+        for b, spc in ((b, spc) for spc in args.steps_per_call for b in sizes):
             r = await bench_batch(
                 client,
                 batch=b,
@@ -294,14 +294,15 @@ async def run_bench(
                 decode_steps=args.decode_steps,
                 runs=args.runs,
                 warmup_runs=args.warmup_runs,
-                steps_per_call=args.steps_per_call,
+                steps_per_call=spc,
                 prefill_tokens=args.max_batch_prefill_tokens or max(8192, max_input),
                 **common,
             )
+            r["steps_per_call"] = spc
             result["batches"].append(r)
             save(result)
             print(
-                f"batch {b:4d}: prefill {r['prefill_ms']['p50']:9.2f} ms  decode step p50 "
+                f"batch {b:4d} x{spc} steps/call: prefill {r['prefill_ms']['p50']:9.2f} ms  decode step p50 "
                 f"{r['decode_step_ms']['p50']:8.2f} ms  p99 {r['decode_step_ms']['p99']:8.2f} ms  "
                 f"{r['decode_tok_s']:9.1f} tok/s",
                 flush=True,
@@ -400,7 +401,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=parse_int_list, default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--decode-steps", type=int, default=64)
-    p.add_argument("--steps-per-call", type=int, default=1, help="Decode max_steps per call")
+    p.add_argument(
+        "--steps-per-call", type=parse_int_list, default=[1], help="Decode max_steps per call (list: each in turn)"
+    )
     p.add_argument(
         "--prefill-lens",
         type=parse_int_list,
@@ -439,10 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = save(result)
     print(
         format_table(
-            ["batch", "prefill ms", "step p50 ms", "step p99 ms", "fwd p50 ms", "decode tok/s"],
+            ["batch", "steps/call", "prefill ms", "step p50 ms", "step p99 ms", "fwd p50 ms", "decode tok/s"],
             [
                 [
                     b["batch"],
+                    b["steps_per_call"],
                     b["prefill_ms"]["p50"],
                     b["decode_step_ms"]["p50"],
                     b["decode_step_ms"]["p99"],

@@ -117,6 +117,11 @@ BATCH_NEXT_SIZE = Histogram("tgi_batch_next_size", "Batch size of the next batch
 BATCH_INFERENCE_DURATION = Histogram(
     "tgi_batch_inference_duration", "Batch inference duration (s)", ["method"], buckets=DURATION_BUCKETS
 )
+# The engine's own time inside the call (the shard's timings.forward_ns); inference minus forward is
+# the RPC and the shard's bookkeeping.
+BATCH_FORWARD_DURATION = Histogram(
+    "tgi_batch_forward_duration", "Batch forward duration (s)", ["method"], buckets=DURATION_BUCKETS
+)
 BATCH_INFERENCE_COUNT = Counter("tgi_batch_inference_count", "Inference calls per method", ["method"])
 BATCH_INFERENCE_SUCCESS = Counter(
     "tgi_batch_inference_success", "Successful inference calls per method", ["method"]

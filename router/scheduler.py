@@ -238,8 +238,9 @@ class Scheduler:
         metrics.PREFIX_CACHE_LOOKUP_TOKENS.inc(looked_up)
         metrics.PREFIX_CACHE_HIT_TOKENS.inc(hit)
         start = time.monotonic()
-        generations, _ = await self.client.prefill(requests)
+        generations, forward_ns = await self.client.prefill(requests)
         metrics.BATCH_INFERENCE_DURATION.labels(method="prefill").observe(time.monotonic() - start)
+        metrics.BATCH_FORWARD_DURATION.labels(method="prefill").observe(forward_ns / 1e9)
         metrics.BATCH_INFERENCE_COUNT.labels(method="prefill").inc()
         for (entry, _, _), gen in zip(batch, generations, strict=True):
             entry.kv_len = len(entry.tokens)
@@ -253,8 +254,9 @@ class Scheduler:
         if not self.running:
             return
         start = time.monotonic()
-        generations, _ = await self.client.decode(extensions, steps)
+        generations, forward_ns = await self.client.decode(extensions, steps)
         metrics.BATCH_INFERENCE_DURATION.labels(method="decode").observe(time.monotonic() - start)
+        metrics.BATCH_FORWARD_DURATION.labels(method="decode").observe(forward_ns / 1e9)
         metrics.BATCH_INFERENCE_COUNT.labels(method="decode").inc()
         by_id = {e.id: e for e in self.running}
         for gen in generations:

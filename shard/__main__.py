@@ -16,7 +16,7 @@ from shard.config import ShardConfig, parse_args
 from shard.dist import close_distributed, init_distributed, mpi_rank_and_size
 from shard.engine.base import EngineConfigError
 from shard.engine.registry import create_engine
-from shard.server import serve
+from shard.server import engine_thread, serve
 
 log = logging.getLogger("shard")
 
@@ -40,7 +40,8 @@ def run(config: ShardConfig) -> int:
         log.info(
             "tp %d/%d, pp %d/%d on %s", dist.tp_rank, dist.tp_size, dist.pp_rank, dist.pp_size, dist.device
         )
-        engine = create_engine(config, dist)
+        worker = engine_thread()  # builds the engine and then runs every call on it (server.py)
+        engine = worker.submit(create_engine, config, dist).result()
     except EngineConfigError as e:
         log.error("cannot start: %s", e)
         return 2
@@ -49,7 +50,7 @@ def run(config: ShardConfig) -> int:
         return 1
     log.info("engine ready after %.1f s", time.monotonic() - started)
     try:
-        asyncio.run(serve(engine, config=config, dist=dist))
+        asyncio.run(serve(engine, config=config, dist=dist, worker=worker))
     except OSError as e:
         log.error("cannot serve: %s", e)
         return 1

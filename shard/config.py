@@ -41,6 +41,7 @@ class ShardConfig:
     kv_cache_fraction: float = 0.9  # GPU: share of memory free after weights + warmup peak
     kv_cache_tokens: int = 0  # CPU (or override): KV capacity in tokens; 0 = engine default
     cuda_graphs: bool = True
+    overlap_decode: bool = True  # CUDA: host one decode step behind the GPU (NativeEngine._decode_overlapped)
     cache_dir: str = ""  # conversion cache ("" = ~/.cache/tgi-trtllm)
     tokenizer_name: str = ""  # trtllm: where generation_config/tokenizer live if not in the engine folder
     max_batch_size: int = 0  # optional caps passed by the launcher; 0 = none

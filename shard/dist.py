@@ -162,6 +162,21 @@ def _new_groups(
     return tp_group, pp_group
 
 
+def cpu_threads_per_rank(local_ranks: int, env: dict[str, str] | None = None) -> int:
+    """Intra-op threads for one CPU rank: $OMP_NUM_THREADS when set, else this process's cores
+    shared evenly among the ranks on this machine.
+
+    Why it is set at all: under mpiexec (MPICH hydra) OpenMP starts with one thread per process
+    (omp_get_max_threads() = 1 even with both cores allowed, measured on the 2-core CI machine), so a
+    lone CPU rank would compute on one core. Two ranks on two cores get one thread each: more would
+    oversubscribe the cores and stall every OpenMP barrier."""
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS", "").strip().isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_ranks))
+
+
 def init_distributed(config: ShardConfig) -> DistContext:
     """Joins the MPI world and, when it has more than one rank, torch.distributed.
 
@@ -178,6 +193,10 @@ def init_distributed(config: ShardConfig) -> DistContext:
 
     tp, pp = resolve_layout(config, world_size)
     device = _pick_device(config, local_rank)
+    if device.type == "cpu":
+        threads = cpu_threads_per_rank(local_size)
+        torch.set_num_threads(threads)
+        log.info("CPU: %d torch threads for this rank (%d ranks on this machine)", threads, local_size)
     backend = "nccl" if device.type == "cuda" else "gloo"
     tp_group = pp_group = None
     if world_size > 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,6 +65,9 @@ class CountingTestEngine:
     device_type: str = "cpu"
     world_sum: int = 1  # result of the start-up all_reduce (sum of rank + 1 over the world)
     crash_at_prefill: bool = False
+    # Set by create() (real shard processes): Info then reports the engine thread's torch threads
+    # and whether calls run on the thread that built the engine (shard/server.py engine_thread).
+    creator_thread: int | None = None
     fail_next: Exception | None = None
     calls: list[str] = field(default_factory=list)
     running: dict[int, _Running] = field(default_factory=dict)
@@ -97,8 +101,16 @@ class CountingTestEngine:
             max_total_tokens=200,
             max_batch_prefill_tokens=400,
             max_top_n_tokens=5,
-            engine_version=f"shard-test-engine world_sum={self.world_sum}",
+            engine_version=f"shard-test-engine world_sum={self.world_sum}{self._thread_report()}",
         )
+
+    def _thread_report(self) -> str:
+        if self.creator_thread is None:
+            return ""
+        import torch
+
+        same = threading.get_ident() == self.creator_thread
+        return f" threads={torch.get_num_threads()} on_creator_thread={same}"
 
     def warmup(self, spec: WarmupSpec) -> WarmupResult:
         self._enter("warmup")
@@ -233,4 +245,5 @@ def create(config: ShardConfig, dist: DistContext) -> CountingTestEngine:
         device_type=dist.device.type,
         world_sum=_world_sum(dist),
         crash_at_prefill=fail == "prefill" and fails_here,
+        creator_thread=threading.get_ident(),
     )

@@ -318,6 +318,22 @@ def test_rms_norm_and_add_rms_norm(dtype: torch.dtype, cols: int) -> None:
     assert rel_err(out, want.float()) < 1e-3
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [1536, 14336] if ON_GPU else [1536])
+def test_silu_mul_equals_eager(dtype: torch.dtype, cols: int) -> None:
+    from shard.native.kernels.activation import silu_mul
+
+    gen = torch.Generator().manual_seed(cols)
+    gate_up = (3 * torch.randn((5, 2 * cols), generator=gen)).to(dtype).to(DEVICE)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = silu_mul(gate_up)
+    assert got.shape == want.shape and got.dtype == dtype
+    # the same two roundings as eager; exp's last-ulp differences may flip a rounding now and then
+    assert rel_err(got, want.float()) < 2e-3
+
+
 def _rope_tables(d: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     ang = torch.arange(max_pos).float()[:, None] * inv[None, :]

@@ -200,6 +200,26 @@ def launcher(workdir: Path, procs: list[Proc], *args: str, env: dict[str, str] |
 # ---------------------------------------------------------------- shard processes under mpiexec
 
 
+def thread_report(ranks: int) -> str:
+    """What the double's Info says when every rank on this machine got its share of the cores."""
+    threads = os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // ranks)
+    return f"threads={threads} on_creator_thread=True"
+
+
+def test_one_rank_computes_on_every_core_from_its_engine_thread(workdir: Path, procs: list[Proc]) -> None:
+    # Under mpiexec OpenMP starts with one thread; the shard must raise it to the cores it has, and
+    # run every engine call on the thread that built the engine (a second OpenMP team halves speed).
+    prefix = workdir / "sock" / "one"
+    argv = [MPIEXEC, "-n", "1", sys.executable, "-m", "shard", "--engine", "tests.shard_test_engine:create",
+            "--model-id", "m", "--uds-path", str(prefix)]  # fmt: skip
+    world = Proc(argv, env={}, cwd=REPO)
+    procs.append(world)
+    url = f"unix://{prefix}-0"
+    stub(url).Health(pb.HealthRequest(), wait_for_ready=True, timeout=60)
+    info = stub(url).Info(pb.InfoRequest())
+    assert info.engine_version == f"shard-test-engine world_sum=1 {thread_report(1)}"
+
+
 def test_two_ranks_under_mpiexec_answer_and_stop_cleanly(workdir: Path, procs: list[Proc]) -> None:
     prefix = workdir / "sock" / "shard"
     argv = [MPIEXEC, "-n", "2", sys.executable, "-m", "shard", "--engine", "tests.shard_test_engine:create"]
@@ -214,7 +234,8 @@ def test_two_ranks_under_mpiexec_answer_and_stop_cleanly(workdir: Path, procs: l
         info = stub(url).Info(pb.InfoRequest())
         # world_sum = all_reduce(rank + 1) over gloo in the double's create: 1 + 2 (and the PP group's checked).
         assert (info.world_size, info.tp_size, info.pp_size) == (2, 1, 2)
-        assert info.engine_version == "shard-test-engine world_sum=3"
+        # Two ranks share this machine's cores (shard/dist.py), and calls run on the engine's thread.
+        assert info.engine_version == f"shard-test-engine world_sum=3 {thread_report(2)}"
         assert [g.token_id for g in prefill_one(url).generations] == [5]
     for rank in range(2):
         assert f"[shard {rank}]" in world.output
@@ -236,7 +257,9 @@ def test_shards_mode_on_tcp_stops_on_sigterm(workdir: Path, procs: list[Proc]) -
     assert f"127.0.0.1:{port} 127.0.0.1:{port + 1}" in proc.output
     assert [g.token_id for g in prefill_one(f"127.0.0.1:{port + 1}").generations] == [5]
     info = stub(f"127.0.0.1:{port}").Info(pb.InfoRequest())
-    assert (info.world_size, info.tp_size, info.engine_version) == (2, 2, "shard-test-engine world_sum=3")
+    assert (info.world_size, info.tp_size) == (2, 2)
+    # the launcher's OMP_NUM_THREADS: the cores shared by the two ranks
+    assert info.engine_version == f"shard-test-engine world_sum=3 {thread_report(2)}"
     assert not (workdir / "router.json").exists()  # no router in this mode
 
     proc.popen.send_signal(signal.SIGTERM)

@@ -26,12 +26,12 @@ def models(tmp_path_factory):
     return hf, model, mc
 
 
-def make_engine(models) -> NativeEngine:
+def make_engine(models, overlap: bool | None = None) -> NativeEngine:
     _, model, mc = models
     eng = NativeEngine(
         model=model,
         model_config=mc,
-        options=RuntimeOptions(model_id="tiny", block_size=BS, kv_cache_tokens=4 * 256),
+        options=RuntimeOptions(model_id="tiny", block_size=BS, kv_cache_tokens=4 * 256, overlap_decode=overlap),
         device=torch.device("cpu"),
         dtype=torch.float32,
     )
@@ -161,3 +161,41 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(models):
     together = run_to_end(eng2, [req(1, [9, 9], 5, blocks2, do_sample=True, seed=7),
                                  req(2, [4, 5, 6], 8, blocks2, **kw)], 2)[2]
     assert alone == together
+
+
+def test_overlapped_decode_gives_the_plain_loops_generations(models):
+    """The host-one-step-behind loop (on by default on CUDA) run on CPU: the same tokens, logprobs
+    and finish reasons as the plain loop, an EOS end drops the token already computed after it,
+    and a call never runs past a LENGTH end."""
+    hf = models[0]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 290, (n,), generator=g).tolist() for n in (6, 11, 8, 3)]
+    greedy0 = hf_greedy(hf, prompts[0], 9)
+
+    def requests(blocks: Blocks) -> list[NewRequest]:
+        reqs = [req(i + 1, p, n, blocks) for i, (p, n) in enumerate(zip(prompts[1:], (9, 3, 7), strict=True))]
+        reqs[2] = req(4, prompts[3], 7, blocks, do_sample=True, temperature=0.9, seed=7, repetition_penalty=1.3)
+        eos = NewRequest(id=9, input_ids=tuple(prompts[0]), sampling=SamplingParams(),
+                         stopping=StoppingParams(max_new_tokens=9, stop_token_ids=(greedy0[4],)),
+                         blocks=tuple(blocks.take(5)), top_n_tokens=2)
+        return [eos, *reqs]
+
+    def run(overlap: bool) -> tuple[list[tuple], list[int]]:
+        eng = make_engine(models, overlap=overlap)
+        blocks = Blocks(eng.kv.num_blocks - 1)
+        gens = list(eng.prefill(requests(blocks)).generations)
+        steps = []
+        while eng.seqs:
+            res = eng.decode({}, 4)
+            steps.append(res.steps)
+            gens += res.generations
+        return [(x.request_id, x.token_id, round(x.logprob, 4), x.finish_reason, x.top_tokens.ids) for x in gens], steps
+
+    plain, _ = run(False)
+    overlapped, steps = run(True)
+    assert sorted(overlapped, key=lambda x: x[0]) == sorted(plain, key=lambda x: x[0])
+    ended = [x for x in overlapped if x[0] == 9]
+    assert [x[1] for x in ended] == greedy0[: greedy0.index(greedy0[4]) + 1]
+    assert ended[-1][3] is FinishReason.EOS_TOKEN
+    # request 2 ends by LENGTH after 3 tokens (1 at prefill): the first call stops at 2 steps
+    assert steps[0] == 2

@@ -46,11 +46,6 @@ def write_kv(
     v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _expand_kv(x: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
-    # (..., Hkv, S, D) -> (..., Hkv * groups, S, D), kv head j serving query heads j*groups..
-    return x if groups == 1 else x.repeat_interleave(groups, dim=head_dim)
-
-
 class ReferenceAttention:
     """Gather + SDPA. Prefill loops over sequences (a prefill with no cached prefix attends to its
     new K/V directly); decode gathers every sequence's blocks at once and masks by length."""
@@ -93,22 +88,26 @@ class ReferenceAttention:
             if n_new == 0:
                 continue
             prefix = seq_len - n_new
-            qi = q[start:end].transpose(0, 1)  # (Hq, n, D)
+            qi = q[start:end].transpose(0, 1)[None]  # (1, Hq, n, D)
             if prefix == 0:
-                ki, vi = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)  # (Hkv, n, D)
+                ki, vi = k[start:end].transpose(0, 1)[None], v[start:end].transpose(0, 1)[None]  # (1, Hkv, n, D)
                 mask, causal = None, True
             else:
                 n_blocks = -(-seq_len // block_size)
                 blocks = meta.block_tables[i, :n_blocks].long()
-                # (n_blocks, bs, Hkv, D) -> (seq_len, Hkv, D) -> (Hkv, seq_len, D)
-                ki = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
-                vi = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)
+                # (n_blocks, bs, Hkv, D) -> (seq_len, Hkv, D) -> (1, Hkv, seq_len, D)
+                ki = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+                vi = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].transpose(0, 1)[None]
                 # new token r sits at position prefix + r and sees keys 0..prefix + r
                 key_pos = torch.arange(seq_len, device=q.device)
                 query_pos = torch.arange(prefix, seq_len, device=q.device)
                 mask, causal = key_pos[None, :] <= query_pos[:, None], False  # (n, seq_len)
-            ki, vi = _expand_kv(ki.to(q.dtype), groups, 0), _expand_kv(vi.to(q.dtype), groups, 0)
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=causal, scale=scale)
+            # 4-D with a batch dim and enable_gqa (no repeated K/V): torch's CPU SDPA takes its
+            # flash kernel for these, and its math fallback (2.2x slower, measured) for 3-D inputs.
+            oi = F.scaled_dot_product_attention(
+                qi, ki.to(q.dtype), vi.to(q.dtype), attn_mask=mask, is_causal=causal, scale=scale,
+                enable_gqa=groups > 1,
+            )[0]
             out[start:end] = oi.transpose(0, 1)
         return out
 
@@ -121,19 +120,30 @@ class ReferenceAttention:
         scale: float,
     ) -> torch.Tensor:
         # Decode: exactly one new token per sequence, so row b of q belongs to sequence b.
-        assert q.shape[0] == meta.seq_lens.shape[0], "decode expects one new token per sequence"
-        groups = q.shape[1] // k_cache.shape[2]
-        block_size = k_cache.shape[1]
-        n_blocks = -(-meta.max_seqlen_k // block_size)
-        blocks = meta.block_tables[:, :n_blocks].long()  # (B, n_blocks); padding reads block 0, masked below
-        # (B, n_blocks, bs, Hkv, D) -> (B, S, Hkv, D) -> (B, Hkv, S, D)
-        kb = k_cache[blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)
-        vb = v_cache[blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)
-        kb, vb = _expand_kv(kb, groups, 1), _expand_kv(vb, groups, 1)
-        key_pos = torch.arange(kb.shape[2], device=q.device)
-        mask = (key_pos[None, :] < meta.seq_lens[:, None].to(key_pos.dtype))[:, None, None, :]  # (B, 1, 1, S)
-        out = F.scaled_dot_product_attention(q[:, :, None, :], kb, vb, attn_mask=mask, scale=scale)
-        return out[:, :, 0, :]  # (B, Hq, D)
+        b, hq, d = q.shape
+        assert b == meta.seq_lens.shape[0], "decode expects one new token per sequence"
+        hkv, block_size = k_cache.shape[2], k_cache.shape[1]
+        flat_blocks, mask = self._decode_index(meta, block_size)
+        # index_select on the block dim is one memcpy per block (CPU advanced indexing k_cache[t]
+        # is ~7x slower): (B * n_blocks, bs, Hkv, D) -> (B, S, Hkv, D) -> (B, Hkv, S, D)
+        kb = k_cache.index_select(0, flat_blocks).view(b, -1, hkv, d).transpose(1, 2).to(q.dtype)
+        vb = v_cache.index_select(0, flat_blocks).view(b, -1, hkv, d).transpose(1, 2).to(q.dtype)
+        # GQA without repeating K/V: query head h reads kv head h // G, so the G query heads of kv
+        # head j are G query rows against its keys: q (B, Hq, D) -> (B, Hkv, G, D).
+        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), kb, vb, attn_mask=mask, scale=scale)
+        return out.reshape(b, hq, d)
+
+    @staticmethod
+    def _decode_index(meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per step, shared by all layers: the (B * n_blocks,) blocks to gather, row-major per
+        sequence (padding reads block 0 and is masked), and the (B, 1, 1, S) key-length mask."""
+        if "decode_blocks" not in meta.derived:
+            n_blocks = -(-meta.max_seqlen_k // block_size)
+            blocks = meta.block_tables[:, :n_blocks].reshape(-1).long()
+            key_pos = torch.arange(n_blocks * block_size, device=blocks.device)
+            mask = key_pos[None, :] < meta.seq_lens[:, None].to(key_pos.dtype)
+            meta.derived["decode_blocks"], meta.derived["decode_mask"] = blocks, mask[:, None, None, :]
+        return meta.derived["decode_blocks"], meta.derived["decode_mask"]
 
 
 # name -> factory. _LAZY names backends whose module is imported only when asked for (so "triton"

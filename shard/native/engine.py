@@ -36,7 +36,7 @@ from shard.native.config import ModelConfig
 from shard.native.forward import ForwardBatch
 from shard.native.kv_cache import KVCache, kv_bytes_per_block
 from shard.native.memory import plan_kv_blocks
-from shard.native.sampler import RowSample, Sampler, SamplingBatch, SamplingRow, make_generator
+from shard.native.sampler import HostCopy, SampleOutput, Sampler, SamplingBatch, SamplingRow, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,15 @@ class SeqState:
         return None
 
 
+@dataclass(eq=False)
+class _LaunchedStep:
+    """A sampling step queued on the device whose tokens the host has not read yet."""
+
+    seqs: list[SeqState]  # row order
+    ids: torch.Tensor  # (B,) int64 on the device: feeds the next step
+    host: HostCopy
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """What the engine needs from the shard config (kept small so tests can build engines)."""
@@ -74,6 +83,10 @@ class RuntimeOptions:
     kv_cache_tokens: int = 0
     cuda_graphs: bool = True
     fused_kernels: bool = True  # CUDA, bf16/fp16: Triton RMSNorm/residual/rotary (fp32 stays eager, HF-exact)
+    cpu_packed_linears: bool = True  # CPU, float32: oneDNN-prepacked weights (cpu_linear.py)
+    # Multi-step decode with the host one step behind the device (_decode_overlapped). None = on
+    # for CUDA without pipeline parallelism; True forces it (tests run its logic on CPU).
+    overlap_decode: bool | None = None
     max_total_tokens: int = 0
 
 
@@ -92,6 +105,8 @@ class NativeEngine:
         pp_size: int = 1,
         world_size: int = 1,
     ) -> None:
+        if device.type == "cuda" and device.index is None:  # "cuda" -> the current GPU, by index
+            device = torch.device("cuda", torch.cuda.current_device())
         self.model = model
         self.mc = model_config
         self.opt = options
@@ -102,6 +117,11 @@ class NativeEngine:
         self.is_last_stage = pp_rank == pp_size - 1  # the only stage with logits
         if options.fused_kernels and device.type == "cuda" and dtype != torch.float32:
             model.enable_fused_kernels()
+        if options.cpu_packed_linears:
+            from shard.native.cpu_linear import pack_linears, packing_available
+
+            if packing_available(device, dtype):
+                log.info("packed %d linears for oneDNN", pack_linears(model))
         self.block_size = options.block_size
         self.kv: KVCache | None = None
         self.seqs: dict[int, SeqState] = {}
@@ -110,6 +130,8 @@ class NativeEngine:
         self._decode_order: list[int] = []
         self._sampling_batch: SamplingBatch | None = None  # rows in _decode_order; penalties see new tokens
         self._graphs = None  # GraphedDecode once captured (CUDA only)
+        overlap = options.overlap_decode
+        self._overlap = (device.type == "cuda" and pp_size == 1) if overlap is None else overlap
         self._healthy = True
 
     @classmethod
@@ -149,6 +171,7 @@ class NativeEngine:
             # not done here (each stage would capture its own half of every P2P pair).
             cuda_graphs=config.cuda_graphs and device.type == "cuda" and dist.pp_size == 1,
             max_total_tokens=config.max_total_tokens,
+            overlap_decode=None if config.overlap_decode else False,
         )
         return cls(
             model=model,
@@ -290,11 +313,13 @@ class NativeEngine:
         if extensions:
             self._decode_batch = None
         start = time.perf_counter_ns()
-        out: list[Generation] = []
-        steps = 0
-        while steps < max(1, max_steps) and self.seqs:
-            out.extend(self._decode_step())
-            steps += 1
+        if self._overlap:
+            out, steps = self._decode_overlapped(max(1, max_steps))
+        else:
+            out, steps = [], 0
+            while steps < max(1, max_steps) and self.seqs:
+                out.extend(self._finish_step(self._launch_step()))
+                steps += 1
         return StepResult(generations=out, steps=steps, forward_ns=time.perf_counter_ns() - start)
 
     def filter(self, remove_ids: Sequence[int]) -> int:
@@ -354,13 +379,41 @@ class NativeEngine:
             stop_ids=stop_ids,
         )
 
-    def _decode_step(self) -> list[Generation]:
+    def _decode_overlapped(self, max_steps: int) -> tuple[list[Generation], int]:
+        """Multi-step decode with the host one step behind the device: step k+1 is launched
+        before step k's tokens are read back, so the host's per-step work (reading tokens, building
+        Generations) runs while the GPU computes instead of between steps.
+
+        Step k+1 is launched before anyone knows whether a sequence ended at step k. A LENGTH end is
+        known in advance, so the call never runs past the first one. An EOS (or stop id) end is
+        not: the step already launched still computes that sequence's next token, which is dropped
+        (its K/V lands in a slot of its own blocks: the router grew every sequence for max_steps
+        tokens), and the call ends there so the next one rebuilds the batch without it."""
+        remaining = min(s.stopping.max_new_tokens - s.generated for s in self.seqs.values())
+        n = max(1, min(max_steps, remaining))
+        out: list[Generation] = []
+        pending: _LaunchedStep | None = None
+        steps = 0
+        while steps < n and self.seqs:
+            launched = self._launch_step()
+            steps += 1
+            if pending is not None:
+                gens = self._finish_step(pending)
+                out.extend(gens)
+                if any(g.finish_reason is not None for g in gens):
+                    out.extend(self._finish_step(launched))  # skips the sequences that just ended
+                    return out, steps
+            pending = launched
+        if pending is not None:
+            out.extend(self._finish_step(pending))
+        return out, steps
+
+    def _launch_step(self) -> _LaunchedStep:
+        """Queues one decode step (forward, sampling, the tokens' copy to the host) without waiting
+        for it, and advances the device-side batch. Host state (tokens, counts) waits for
+        _finish_step; kv_len counts the K/V this step writes."""
         if self._decode_batch is None:
             order = list(self.seqs)
-            for rid in order:
-                s = self.seqs[rid]
-                if len(s.blocks) * self.block_size <= s.kv_len:
-                    raise InvalidRequestError(f"Decode: request {rid} has no room for its next token")
             self._decode_order = order
             self._sampling_batch = None
             self._decode_batch = DecodeBatch(
@@ -374,7 +427,7 @@ class NativeEngine:
         seqs = [self.seqs[r] for r in self._decode_order]
         for s in seqs:  # a sequence may outgrow its blocks within a multi-step call
             if len(s.blocks) * self.block_size <= s.kv_len:
-                raise InvalidRequestError(f"Decode: request {s.id} ran out of KV blocks")
+                raise InvalidRequestError(f"Decode: request {s.id} has no room for its next token")
         batch = db.forward_batch()
         if self._graphs is not None and self._graphs.supports(batch):
             logits = self._graphs(batch)
@@ -384,9 +437,15 @@ class NativeEngine:
             s.kv_len += 1
         if self._sampling_batch is None:
             self._sampling_batch = self._sampling_batch_for(seqs)
-        gens, sampled = self._sample(seqs, logits, self._sampling_batch)
-        db.advance(sampled)
-        self._sampling_batch.update_history(sampled)
+        launched = self._sample_launch(seqs, logits, self._sampling_batch)
+        db.advance(launched.ids)
+        self._sampling_batch.update_history(launched.ids)
+        return launched
+
+    def _finish_step(self, step: _LaunchedStep) -> list[Generation]:
+        """Reads a launched step's tokens (waits for its copy) and applies them to the host state.
+        Sequences that left meanwhile (ended at the step before) are skipped: their token is void."""
+        gens = self._generations(step)
         if any(g.finish_reason is not None for g in gens):
             for g in gens:
                 if g.finish_reason is not None:
@@ -402,8 +461,7 @@ class NativeEngine:
         return out if self.is_last_stage else None
 
     def _sample_and_step(self, seqs: list[SeqState], logits: torch.Tensor | None) -> list[Generation]:
-        batch = self._sampling_batch_for(seqs)
-        gens, _ = self._sample(seqs, logits, batch)
+        gens = self._generations(self._sample_launch(seqs, logits, self._sampling_batch_for(seqs)))
         for g in gens:
             if g.finish_reason is not None:
                 self.seqs.pop(g.request_id, None)
@@ -415,32 +473,37 @@ class NativeEngine:
         ]
         return SamplingBatch.prepare(rows, vocab_size=self.mc.vocab_size, device=self.device)
 
-    def _sample(
-        self, seqs: list[SeqState], logits: torch.Tensor | None, batch: SamplingBatch
-    ) -> tuple[list[Generation], torch.Tensor]:
+    def _sample_launch(self, seqs: list[SeqState], logits: torch.Tensor | None, batch: SamplingBatch) -> _LaunchedStep:
         """Samples on the last pipeline stage (logits given); the other stages get the ids only.
+        Queues the results' copy to the host and returns without waiting for it.
 
         `batch` is prepared on every rank all the same: its validation must fail on all ranks alike,
         or the others would wait in the broadcast below forever."""
         if logits is not None:
             out = self.sampler(logits, batch)
-            ids = out.token_ids
-        else:
-            out, ids = None, torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+        else:  # logprobs exist on the last stage only
+            b = len(seqs)
+            out = SampleOutput(
+                token_ids=torch.empty(b, dtype=torch.int64, device=self.device),
+                logprobs=torch.full((b,), math.nan, device=self.device),
+                top_ids=torch.empty(b, 0, dtype=torch.int64, device=self.device),
+                top_logprobs=torch.empty(b, 0, device=self.device),
+                top_n=(0,) * b,
+            )
         if self.world_size > 1:
             # All ranks must feed identical ids into the next step and stop alike: the last rank's
             # choice wins (the router reads the last rank's answer too, so ids and logprobs match).
             import torch.distributed as dist
 
-            dist.broadcast(ids, src=self.world_size - 1)
-        if out is not None:
-            rows = out.to_host()  # the one device-to-host copy per step
-            tokens = ids.tolist() if self.world_size > 1 else [r.token_id for r in rows]
-        else:  # logprobs exist on the last stage only
-            tokens = ids.tolist()
-            rows = [RowSample(token_id=t, logprob=math.nan, top_ids=(), top_logprobs=()) for t in tokens]
+            dist.broadcast(out.token_ids, src=self.world_size - 1)
+        return _LaunchedStep(seqs=seqs, ids=out.token_ids, host=out.start_host_copy())
+
+    def _generations(self, step: _LaunchedStep) -> list[Generation]:
         gens = []
-        for s, row, tok in zip(seqs, rows, tokens, strict=True):
+        for s, row in zip(step.seqs, step.host.rows(), strict=True):
+            if self.seqs.get(s.id) is not s:  # ended (or was filtered) after this step was launched
+                continue
+            tok = row.token_id
             s.tokens.append(tok)
             s.generated += 1
             gens.append(
@@ -454,7 +517,7 @@ class NativeEngine:
                     top_tokens=TopTokens(ids=row.top_ids, logprobs=row.top_logprobs),
                 )
             )
-        return gens, ids
+        return gens
 
     @staticmethod
     def _prompt_logprobs(logits: torch.Tensor, tokens: list[int]) -> TopTokens:

@@ -13,7 +13,7 @@ and slot s = block_id * block_size + offset_in_block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,9 @@ class AttentionMetadata:
     is_prefill: bool
     max_seqlen_q: int
     max_seqlen_k: int
+    # Tensors a backend derives from the fields above once per step and reuses in every layer
+    # (e.g. the reference backend's gather index and length mask); lives as long as this step.
+    derived: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_batch(cls, batch: ForwardBatch) -> AttentionMetadata:

@@ -33,8 +33,18 @@ PACKED_MODULES: dict[str, tuple[str, ...]] = {
 
 
 class Linear(nn.Linear):
+    # oneDNN-packed weight (CPU, float32; cpu_linear.pack_linears), used instead of `weight` once set
+    packed: torch.Tensor | None = None
+
     def reset_parameters(self) -> None:
         """No init: the loader fills every weight (and torch's init costs seconds of lazy imports)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            from shard.native.cpu_linear import packed_linear
+
+            return packed_linear(x, self.packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Embedding):
@@ -180,10 +190,15 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size  # this rank's share after tp.py
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False, dtype=dtype)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False, dtype=dtype)
+        self.fused = False  # silu(gate) * up in one Triton kernel (enable_fused_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from shard.native.kernels.activation import silu_mul
+
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))  # in place: one (T, I) temporary fewer
 
 
 class DecoderLayer(nn.Module):
@@ -193,7 +208,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, backend, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(config, dtype=dtype)
-        self.fused = False  # residual add + post-attention norm in one kernel (enable_fused_kernels)
+        # residual adds fused into the norms after them (enable_fused_kernels; forward_fused)
+        self.fused = False
 
     def forward(
         self,
@@ -203,15 +219,35 @@ class DecoderLayer(nn.Module):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(h), rope, k_cache, v_cache, meta)
         if self.fused:
-            from shard.native.kernels.norm import add_rms_norm
-
-            norm = self.post_attention_layernorm
-            x, h = add_rms_norm(a, h, norm.weight, norm.eps)  # h += a; x = norm(h)
-            return h + self.mlp(x)
+            h, pending = self.forward_fused(h, None, rope, k_cache, v_cache, meta)
+            return h + pending
+        a = self.self_attn(self.input_layernorm(h), rope, k_cache, v_cache, meta)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_fused(
+        self,
+        h: torch.Tensor,  # (T, hidden) residual stream, updated in place
+        pending: torch.Tensor | None,  # the previous layer's MLP output, not yet added to h
+        rope: Rope,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (h, this layer's MLP output). Every residual add happens inside the norm kernel
+        that follows it (the next layer's input norm, or the model's final norm), so a layer is
+        two norm launches and no add: h += pending; x = norm(h); h += attn(x); x = norm(h)."""
+        from shard.native.kernels.norm import add_rms_norm, rms_norm
+
+        n_in, n_post = self.input_layernorm, self.post_attention_layernorm
+        if pending is None:
+            x = rms_norm(h, n_in.weight, n_in.eps)
+        else:
+            x, h = add_rms_norm(pending, h, n_in.weight, n_in.eps)
+        a = self.self_attn(x, rope, k_cache, v_cache, meta)
+        x, h = add_rms_norm(a, h, n_post.weight, n_post.eps)
+        return h, self.mlp(x)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -250,7 +286,7 @@ class LlamaForCausalLM(nn.Module):
         small kernels (a decode step at batch 1 spent ~2 ms of ~8 in them on an H100)."""
         self.fused_rope = True
         for module in self.modules():
-            if isinstance(module, (RMSNorm, DecoderLayer)):
+            if isinstance(module, (RMSNorm, DecoderLayer, MLP)):
                 module.fused = True
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
@@ -269,6 +305,8 @@ class LlamaForCausalLM(nn.Module):
             rope = Rope(*self.rotary_emb.tables(), positions=batch.positions)
         else:
             rope = Rope(*self.rotary_emb(batch.positions, h.dtype))
+        if self.fused_rope:  # the fused path: residual adds ride in the norm kernels
+            return self._forward_fused(h, rope, kv_cache, meta, batch.logits_indices)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, kv_cache.k[i], kv_cache.v[i], meta)
         if self.lm_head is None or self.norm is None:
@@ -276,6 +314,21 @@ class LlamaForCausalLM(nn.Module):
         # Norm is per row, so only the rows that need logits are normalized and projected.
         h = self.norm(h[batch.logits_indices])
         return self.lm_head(h).float()
+
+    def _forward_fused(
+        self, h: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata, rows: torch.Tensor
+    ) -> torch.Tensor:
+        from shard.native.kernels.norm import add_rms_norm
+
+        pending = None
+        for i, layer in enumerate(self.layers):
+            h, pending = layer.forward_fused(h, pending, rope, kv_cache.k[i], kv_cache.v[i], meta)
+        if pending is None:  # a stage without layers
+            pending = torch.zeros_like(h)
+        if self.lm_head is None or self.norm is None:
+            return h + pending
+        x, _ = add_rms_norm(pending[rows], h[rows], self.norm.weight, self.norm.eps)
+        return self.lm_head(x).float()
 
     def hf_names(self, name: str) -> list[str]:
         """Hugging Face tensors making up parameter `name`, in dim-0 concatenation order."""

@@ -73,11 +73,12 @@ class SampleOutput:
     top_n: tuple[int, ...]  # per row: how many of the N columns that row asked for
 
     def to_host(self) -> list[RowSample]:
-        """All four tensors in one device->host copy (the step's only sync).
+        """All four tensors in one device->host copy (the step's only sync)."""
+        return self.start_host_copy().rows()
 
-        float64 holds int64 ids below 2**53 and float32 logprobs exactly.
-        """
-        n = self.top_ids.shape[1]
+    def start_host_copy(self) -> HostCopy:
+        """Queues the copy behind the kernels that produce these tensors and returns at once (CUDA);
+        HostCopy.rows() waits for it. float64 holds int64 ids below 2**53 and float32 logprobs exactly."""
         packed = torch.cat(
             [
                 self.token_ids.double()[:, None],
@@ -86,7 +87,30 @@ class SampleOutput:
                 self.top_logprobs.double(),
             ],
             dim=1,
-        ).tolist()
+        )
+        if packed.device.type != "cuda":
+            return HostCopy(packed=packed, event=None, n=self.top_ids.shape[1], top_n=self.top_n)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)  # cached pinned block
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return HostCopy(packed=host, event=event, n=self.top_ids.shape[1], top_n=self.top_n)
+
+
+@dataclass(eq=False)
+class HostCopy:
+    """A SampleOutput on its way to the host: (B, 2 + 2N) float64 rows of
+    [token_id, logprob, top_ids (N), top_logprobs (N)], valid once `event` has completed."""
+
+    packed: torch.Tensor
+    event: torch.cuda.Event | None
+    n: int
+    top_n: tuple[int, ...]
+
+    def rows(self) -> list[RowSample]:
+        if self.event is not None:
+            self.event.synchronize()
+        n = self.n
         return [
             RowSample(
                 token_id=int(row[0]),
@@ -94,7 +118,7 @@ class SampleOutput:
                 top_ids=tuple(int(i) for i in row[2 : 2 + k]),
                 top_logprobs=tuple(row[2 + n : 2 + n + k]),
             )
-            for row, k in ((row, min(k, n)) for row, k in zip(packed, self.top_n, strict=True))
+            for row, k in ((row, min(k, n)) for row, k in zip(self.packed.tolist(), self.top_n, strict=True))
         ]
 
 

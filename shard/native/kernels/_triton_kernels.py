@@ -91,6 +91,7 @@ def decode_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block (page)
     BLOCK_N: tl.constexpr,  # tokens per loop tile
     DIRECT: tl.constexpr,  # num_splits == 1: normalise and write `out`, no partials
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 caches (tl.dot would use TF32), else "tf32"
 ):
     """Flash-decoding over the paged cache. Grid (B, HKV, num_splits): program (b, h, s) handles the
     G q heads that share kv head h, so each K/V tile is read once for all of them, over split s of
@@ -129,7 +130,7 @@ def decode_kernel(
         in_page = offs_n % BLOCK_SIZE
         k_off = page * stride_kcb + in_page * stride_kct + h * stride_kch
         k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale  # (G_PAD, BLOCK_N) fp32
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (G_PAD, BLOCK_N) fp32
         scores = tl.where(mask_n[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -137,7 +138,7 @@ def decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = page * stride_vcb + in_page * stride_vct + h * stride_vch
         v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -210,6 +211,7 @@ def _prefill_tile(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One K/V tile of the prefill inner loop (online softmax). MASKED adds the causal and
     end-of-sequence masks; tiles fully below every row's position skip them."""
@@ -230,7 +232,7 @@ def _prefill_tile(
         k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    scores = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & in_seq[None, :]
         scores = tl.where(visible, scores, float("-inf"))
@@ -242,7 +244,7 @@ def _prefill_tile(
         v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -272,6 +274,7 @@ def prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Variable-length causal attention of the new tokens over the paged cache (prefix included).
     Grid (HQ, cdiv(max_seqlen_q, BLOCK_M), B). The m-tile index is reversed so the heaviest (latest)
@@ -313,13 +316,13 @@ def prefill_kernel(
         acc, m_i, l_i = _prefill_tile(
             q, acc, m_i, l_i, n0, q_pos, seq_len, bt_row, k_cache_ptr, v_cache_ptr,
             h * stride_kch, h * stride_vch, stride_kcb, stride_kct, stride_vcb, stride_vct,
-            qk_scale, offs_d, BLOCK_SIZE, BLOCK_N, False,
+            qk_scale, offs_d, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
         )  # fmt: skip
     for n0 in range(full_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(
             q, acc, m_i, l_i, n0, q_pos, seq_len, bt_row, k_cache_ptr, v_cache_ptr,
             h * stride_kch, h * stride_vch, stride_kcb, stride_kct, stride_vcb, stride_vct,
-            qk_scale, offs_d, BLOCK_SIZE, BLOCK_N, True,
+            qk_scale, offs_d, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -400,3 +403,18 @@ def rotary_kernel(
     sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, n_q_heads, cos, sin, HQ_PAD, HALF)
     _rotate_heads(k_ptr + t * stride_kt, stride_kh, n_k_heads, cos, sin, HK_PAD, HALF)
+
+
+@triton.jit
+def silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, n_cols, BLOCK: tl.constexpr):
+    """SwiGLU's activation: out = silu(gate) * up, gate_up = [gate | up] along the row (the fused
+    gate_up_proj output). Rounding as eager PyTorch: silu rounded to the input dtype, then the
+    product (computed in fp32) rounded again. Grid (rows, cdiv(n_cols, BLOCK))."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    gate = tl.load(gu_ptr + row * stride_gu + offs, mask=mask, other=0.0)
+    up = tl.load(gu_ptr + row * stride_gu + n_cols + offs, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)

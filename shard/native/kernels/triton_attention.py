@@ -168,6 +168,7 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, _next_pow2(g)), D=d, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, DIRECT=direct,
+        DOT_PRECISION=_dot_precision(q),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not direct:
@@ -176,6 +177,12 @@ def paged_decode_attention(
             D=d, BLOCK_N=config.block_n, SPLITS_PAD=_next_pow2(num_splits), num_warps=4,
         )  # fmt: skip
     return out
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    """tl.dot rounds float32 operands to TF32 by default (~1e-3 relative error), which let float32
+    greedy decoding drift from transformers' on near-ties: float32 runs in full IEEE precision."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def paged_prefill_attention(
@@ -212,7 +219,7 @@ def paged_prefill_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=hq // hkv, D=d, BLOCK_SIZE=block_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_PRECISION=_dot_precision(q), num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
 

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# GPU correctness and multi-GPU scaling in one device call (the device keeps a machine only ~30 s
+# between calls, so everything that belongs together runs here):
+#   bench   engine micro-benchmark over gRPC at batch 1 and 64, Llama-3.1-8B shapes, bf16, dummy
+#           weights: TP=1 with 1, 4 and 8 decode steps per call; TP=2 and TP=4 when the GPUs are there
+#   profile where a batch-1 step goes in-process (bench/profile_decode.py: bare graph replay)
+#   serve   HTTP serving, TP=1: 128/128 at concurrency 1, 64 and all at once (1,024 prompts), and
+#           1024/128 at concurrency 1 (TTFT of a 1k prompt on an idle server)
+#   tests  kernels, engine vs transformers, TP NCCL logits, and the whole stack vs transformers at
+#          TP=1/2/4 and PP=2 (tests/test_gpu_stack.py; needs TOKENIZER)
+#
+#   bench/run_gpu_checks.sh            # STAGES="bench tests" (default), OUT=results folder
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-bench/results/gpu-checks-$(date +%Y%m%d-%H%M%S)}
+STAGES=${STAGES:-bench profile serve tests}
+export TOKENIZER=${TOKENIZER:-.bench-tokenizer}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+mkdir -p "$OUT"
+GPUS=$(nvidia-smi -L | wc -l)
+nvidia-smi -L
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+engine() {  # engine NAME NUM_SHARD STEPS_PER_CALL [env...]
+  local name=$1 n=$2 spc=$3
+  shift 3
+  echo "=== engine $name"
+  env "$@" timeout -k 30 200 $PY -m bench.engine_bench --launch --model-id llama-3.1-8b --num-shard "$n" \
+    --shard-args "--load-format dummy --dtype bfloat16" --batch-sizes 1,64 --input-len 128 --decode-steps 64 \
+    --prefill-lens 1024 --runs 2 --steps-per-call "$spc" --out "$OUT/engine-$name.json" 2>&1 \
+    | grep -v '^\[shard\|^INFO\|^WARNING' | tail -n 8
+}
+if has bench; then
+  engine tp1 1 1,4,8
+  [ "$GPUS" -ge 2 ] && engine tp2 2 4,8
+  [ "$GPUS" -ge 4 ] && engine tp4 4 4,8
+fi
+if has profile; then
+  echo "=== profile"
+  timeout -k 30 150 $PY -m bench.profile_decode --batch 1 2>&1 | tee "$OUT/profile-b1.log" | grep -E "graphs=|bare" | head
+fi
+if has serve; then
+  echo "=== serve"
+  LAUNCH="--model-id shard/native/configs/llama-3.1-8b.json --load-format dummy --dtype bfloat16"
+  LAUNCH+=" --tokenizer-name $TOKENIZER --max-input-tokens 2048 --max-total-tokens 4096"
+  LAUNCH+=" --max-batch-prefill-tokens 8192 --max-concurrent-requests 1024"
+  timeout -k 30 300 $PY -m bench.serve_bench --launch="$LAUNCH" --tokenizer "$TOKENIZER" \
+    --plan "128/128|1,64,inf|8,256,1024" "1024/128|1|4" --out "$OUT/serve-tp1.json" 2>&1 \
+    | grep -v '^\[shard\|^INFO\|^WARNING\|^\[router\|^\[launcher' | tail -n 7
+fi
+if has tests; then
+  echo "=== tests"
+  timeout -k 30 330 $PY -m pytest -q -p no:cacheprovider -x tests/test_gpu_stack.py tests/test_gpu_engine.py \
+    tests/test_kernels_gpu.py "tests/test_native_tp.py::test_tp2_nccl_matches_tp1_cuda" -rs 2>&1 \
+    | tee "$OUT/tests.log" | tail -n 25
+fi

@@ -1,0 +1,77 @@
+"""The whole stack on GPUs (launcher -> mpiexec ranks -> router over HTTP) gives transformers'
+greedy tokens, token for token, at TP=1, TP=2, TP=4 and PP=2: fp32 random weights of a small Llama
+(Llama 3 sized vocabulary, GQA, few layers), so ids of any real tokenizer are valid.
+
+Skipped without enough CUDA GPUs (CI has none) or without a tokenizer folder: run on the device
+with the one `bench/run_gpu.sh` uses, `TOKENIZER=.bench-tokenizer python3 -m pytest tests/test_gpu_stack.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.native_helpers import perturbed_state_dict, save_hf_model, tiny_config
+from tests.stack import REPO, running_stack
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+TOKENIZER = Path(os.environ.get("TOKENIZER", REPO / ".bench-tokenizer"))
+pytestmark = [
+    pytest.mark.skipif(GPUS == 0, reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not (TOKENIZER / "tokenizer.json").exists(), reason=f"no tokenizer at {TOKENIZER}"),
+]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # GQA (8 query heads, 4 KV heads): TP=4 gives every rank one KV head
+    config = tiny_config(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=1024)
+    folder = tmp_path_factory.mktemp("gpu-stack-model")
+    hf = save_hf_model(config, perturbed_state_dict(config, seed=11), folder).to("cuda")
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER))
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly debug kernels".split()
+    prompts = [" ".join(words[i % len(words)] for i in range(n)) for n in (5, 40, 130)]
+    want, inputs = [], []
+    with torch.inference_mode():
+        for text in prompts:
+            ids = tok(text).input_ids
+            out = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            want.append(out[0, len(ids):].tolist())
+            inputs.append(ids)
+
+    def margin(i: int, ours: list[int]) -> str:
+        """Where ours first differs: how far our token's fp32 logit is below transformers' pick."""
+        k = next(j for j, (a, b) in enumerate(zip(ours, want[i], strict=False)) if a != b)
+        with torch.inference_mode():
+            logits = hf(torch.tensor([inputs[i] + want[i][:k]], device="cuda")).logits[0, -1].float()
+        return f"token {k}: transformers' logit margin over ours {(logits[want[i][k]] - logits[ours[k]]).item():.3g}"
+
+    return folder, prompts, want, margin
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 1), (4, 1), (1, 2)])
+def test_stack_greedy_equals_transformers(model, tp: int, pp: int) -> None:
+    if GPUS < tp * pp:
+        pytest.skip(f"needs {tp * pp} GPUs, has {GPUS}")
+    folder, prompts, want, margin = model
+    args = ["--model-id", str(folder), "--tokenizer-name", str(TOKENIZER), "--dtype", "float32",
+            "--device", "cuda", "--num-shard", str(tp), "--pipeline-parallel-size", str(pp),
+            "--max-input-tokens", "512", "--max-total-tokens", "1024"]  # fmt: skip
+    with running_stack(args, timeout=300) as stack:
+        for i, (prompt, expect) in enumerate(zip(prompts, want, strict=True)):
+            r = httpx.post(stack.base_url + "/generate", timeout=120, json={
+                "inputs": prompt,
+                "parameters": {"max_new_tokens": NEW_TOKENS, "details": True, "ignore_eos_token": True},
+            })  # fmt: skip
+            assert r.status_code == 200, r.text
+            ours = [t["id"] for t in r.json()["details"]["tokens"]]
+            assert ours == expect, f"TP={tp} PP={pp} prompt {i}: {margin(i, ours)}"
