@@ -1,0 +1,133 @@
+"""How many steps the scheduler asks per Decode call (router/scheduler.py): one while a waiting
+request could join, max_decode_steps while nobody waits or nobody waiting could join anyway."""
+
+from __future__ import annotations
+
+import asyncio
+
+from router.handle import RequestHandle
+from router.pb import generate_pb2 as pb
+from router.scheduler import Scheduler
+from router.types import GenerateRequest, Limits, SamplingParams, ShardInfo
+
+BLOCK = 4
+
+
+class CountingClient:
+    """A shard world in-process: every request emits token 7 until max_new_tokens (LENGTH); a
+    multi-step call ends at the first finish, as the native engine's does."""
+
+    def __init__(self) -> None:
+        self.decode_steps: list[int] = []
+        self.left: dict[int, int] = {}  # request id -> tokens still to emit
+
+    async def prefill(self, requests):
+        out = []
+        for r in requests:
+            self.left[r.id] = r.stopping.max_new_tokens - r.generated_before
+            out.append(self._emit(r.id))
+        return out, 0
+
+    async def decode(self, extensions, steps):
+        await asyncio.sleep(0)  # a real call yields to the event loop: requests arrive meanwhile
+        self.decode_steps.append(steps)
+        out: list[pb.Generation] = []
+        for _ in range(steps):
+            out += [self._emit(rid) for rid in list(self.left)]
+            if any(g.finish_reason for g in out):
+                break
+        return out, 0
+
+    def _emit(self, rid: int) -> pb.Generation:
+        self.left[rid] -= 1
+        done = self.left[rid] == 0
+        if done:
+            del self.left[rid]
+        return pb.Generation(request_id=rid, token_id=7, finish_reason=pb.FINISH_REASON_LENGTH if done else 0)
+
+    async def filter(self, ids) -> None:
+        for rid in ids:
+            self.left.pop(rid, None)
+
+    async def clear(self) -> None:
+        self.left.clear()
+
+
+def scheduler(
+    client: CountingClient, *, num_blocks: int, max_batch_size: int | None, ratio: float = 0.3, max_waiting: int = 20
+) -> Scheduler:
+    info = ShardInfo(
+        model_id="m", dtype="float32", device_type="cpu", world_size=1, tp_size=1, pp_size=1, engine="native",
+        block_size=BLOCK, manages_kv_cache=False, vocab_size=64, eos_token_ids=(0,), max_batch_size=0,
+        max_input_tokens=0, max_total_tokens=0, max_batch_prefill_tokens=0, supports_prefix_caching=True,
+        supports_prefill_logprobs=True, max_top_n_tokens=5, num_blocks=num_blocks,
+    )  # fmt: skip
+    limits = Limits(
+        max_input_tokens=64, max_total_tokens=128, max_batch_prefill_tokens=256, max_batch_total_tokens=10_000,
+        max_best_of=1, max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, max_concurrent_requests=8,
+    )  # fmt: skip
+    return Scheduler(client=client, info=info, limits=limits, max_batch_size=max_batch_size, waiting_served_ratio=ratio,
+                     max_waiting_tokens=max_waiting, max_decode_steps=4, prefix_caching=True)  # fmt: skip
+
+
+PROMPT = 12  # tokens: a prompt takes 4 blocks at admission, a whole request (12 + 9 + 1) 6
+
+
+def request(first: int, new_tokens: int) -> GenerateRequest:
+    return GenerateRequest(input_ids=tuple(range(first, first + PROMPT)), sampling=SamplingParams(),
+                           max_new_tokens=new_tokens)  # fmt: skip
+
+
+async def drain(handle: RequestHandle) -> int:
+    return len([t async for t in handle])
+
+
+def run(num_blocks: int, max_batch_size: int | None, new_tokens: tuple[int, int]) -> list[int]:
+    async def main() -> list[int]:
+        client = CountingClient()
+        sched = scheduler(client, num_blocks=num_blocks, max_batch_size=max_batch_size)
+        sched.start()
+        try:
+            handles = [sched.submit(request(10 * i + 1, n)) for i, n in enumerate(new_tokens)]
+            counts = await asyncio.wait_for(asyncio.gather(*(drain(h) for h in handles)), 30)
+        finally:
+            await sched.stop()
+        assert counts == list(new_tokens)
+        return client.decode_steps
+
+    return asyncio.run(main())
+
+
+def test_a_waiting_request_that_cannot_join_keeps_multi_step_calls() -> None:
+    # Batch of one: the second request waits for the first to finish, so single steps would gain
+    # nothing. 9 tokens = 1 from prefill + 8 from two 4-step calls, for each request in turn.
+    assert run(num_blocks=100, max_batch_size=1, new_tokens=(9, 9)) == [4, 4, 4, 4]
+    # 7 KV blocks: while the first request holds 4-6 of them, the second's prompt (4) never fits.
+    assert run(num_blocks=7, max_batch_size=None, new_tokens=(9, 9)) == [4, 4, 4, 4]
+
+
+def test_a_waiting_request_that_could_join_gets_single_steps() -> None:
+    # Room for two. The queue rule (TGI's) lets a late request wait until 3 decode calls have run
+    # since the last prefill (waiting/running never reaches the ratio 10): the calls while it
+    # waits are single steps, so it joins as soon as the rule allows.
+    async def main() -> list[int]:
+        client = CountingClient()
+        sched = scheduler(client, num_blocks=100, max_batch_size=None, ratio=10.0, max_waiting=3)
+        sched.start()
+        try:
+            long = sched.submit(request(1, 30))
+            await asyncio.sleep(0)  # the loop picks it up and decodes
+            while not client.decode_steps:
+                await asyncio.sleep(0)
+            late = sched.submit(request(100, 3))
+            counts = await asyncio.wait_for(asyncio.gather(drain(long), drain(late)), 30)
+        finally:
+            await sched.stop()
+        assert counts == [30, 3]
+        return client.decode_steps
+
+    steps = asyncio.run(main())
+    first_single = steps.index(1)
+    assert steps[0] == 4 and first_single <= 3, steps  # alone: 4 steps per call
+    assert all(n == 1 for n in steps[first_single : 3]), steps  # waiting: 1 until the 3rd call
+    assert steps[-1] == 4, steps  # alone again after the late one finished
