@@ -5,10 +5,9 @@ batch), then run a decode call over the running batch. Prefill and decode are on
 vLLM): a request's first token comes from Prefill, the rest from Decode. While nobody waits, one
 Decode call runs several steps (max_decode_steps) to amortize the RPC; as soon as a request waits
 that could join now, calls go back to one step so it joins within one token. A waiting request that
-cannot join anyway (the batch is at --max-batch-size, or the KV cache has no room for its prompt)
-does not shorten the calls: at full load that kept every call at one step for nothing. The shard
-ends a multi-step call at the first LENGTH finish (and right after an EOS), so a freed slot is seen
-as soon as one step would have shown it.
+cannot join anyway (the batch is at --max-batch-size) does not shorten the calls: at full load that
+kept every call at one step for nothing. The shard ends a multi-step call at the first LENGTH finish
+(and right after an EOS), so a freed slot is seen as soon as one step would have shown it.
 """
 
 from __future__ import annotations
@@ -150,24 +149,14 @@ class Scheduler:
 
     # -- policy pieces ----------------------------------------------------------------------------
     def _nobody_can_join(self) -> bool:
-        """No waiting request could be admitted before the next decode call: none waits, the batch
-        is full, or the head's prompt does not fit in the free (or evictable) KV blocks."""
-        head = self.waiting.peek()
-        if head is None:
+        """No waiting request could be admitted before the next decode call: none waits, or the
+        batch is at --max-batch-size. A head blocked by KV room is not counted: growing every
+        sequence for several steps at once under KV pressure preempts more (measured on an H100,
+        2048/128 with 256 prompts all at once: 1,083 output tok/s with multi-step calls there,
+        1,277 with single steps)."""
+        if not self.waiting:
             return True
-        if self.max_batch_size is not None and len(self.running) >= self.max_batch_size:
-            return True
-        if self.kv is None:
-            return False
-        alloc = self.kv.allocator
-        # Counted without prefix hits (looking one up would touch the cache's LRU and hit
-        # statistics): a head whose prefix is shared with a running request may wait one call
-        # longer than it must, at most max_decode_steps steps.
-        need = alloc.blocks_for_tokens(len(head.tokens) + 1)
-        if need <= alloc.free_count:
-            return False
-        cached = self.kv.cache.evictable_blocks if self.kv.cache is not None else 0  # O(cached)
-        return need > alloc.free_count + cached
+        return self.max_batch_size is not None and len(self.running) >= self.max_batch_size
 
     def _admit(self) -> list[tuple[Entry, list[int], int]]:
         """Takes waiting entries (FIFO, no skipping) while they fit; returns (entry, blocks, prefix_len)."""
