@@ -132,6 +132,11 @@ def test_stops_and_prompt_logprobs(models):
     assert gens[-1].finish_reason is FinishReason.EOS_TOKEN and not eng.seqs
 
 
+def test_cpu_engine_sets_no_batch_limit_of_its_own(models):
+    # On CUDA the limit is the largest CUDA-graph batch (MAX_GRAPH_BATCH); on CPU there is none.
+    assert make_engine(models).info().max_batch_size == 0
+
+
 def test_length_finish_and_filter(models):
     eng = make_engine(models)
     blocks = Blocks(eng.kv.num_blocks - 1)
