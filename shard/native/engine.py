@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -21,63 +21,28 @@ from shard.engine.base import InvalidRequestError, OutOfResourcesError
 from shard.engine.types import (
     EngineInfo,
     EngineKind,
-    FinishReason,
     Generation,
     NewRequest,
-    SamplingParams,
     StepResult,
-    StoppingParams,
     TopTokens,
     WarmupResult,
     WarmupSpec,
 )
 from shard.native.batch import DecodeBatch, build_prefill
 from shard.native.config import ModelConfig
+from shard.native.decode_steps import DecodeSteps, SeqState
 from shard.native.forward import ForwardBatch
 from shard.native.kv_cache import KVCache, kv_bytes_per_block
 from shard.native.memory import plan_kv_blocks
-from shard.native.sampler import HostCopy, SampleOutput, Sampler, SamplingBatch, SamplingRow, make_generator
+from shard.native.sampler import Sampler, SamplingBatch, make_generator
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class SeqState:
-    """Invariant: the cache holds K/V of tokens[:kv_len]; tokens[-1] is pending once generated."""
-
-    id: int
-    tokens: list[int]
-    blocks: list[int]
-    kv_len: int
-    sampling: SamplingParams
-    stopping: StoppingParams
-    top_n: int
-    generated: int  # including generated_before
-    generator: torch.Generator | None
-    stop_ids: frozenset[int] = field(default_factory=frozenset)
-
-    def finish_reason(self, token: int) -> FinishReason | None:
-        if token in self.stop_ids:
-            return FinishReason.EOS_TOKEN
-        if self.generated >= self.stopping.max_new_tokens:
-            return FinishReason.LENGTH
-        return None
-
 
 # Largest decode batch captured as a CUDA graph; Info reports it as the engine's batch limit on
 # CUDA (a --max-batch-size flag overrides it). Larger batches would run eager, and a full batch
 # lets the router keep multi-step decode calls (router/scheduler.py): measured on one H100,
 # 128/128 with 1,024 prompts at once, 6,676 output tok/s capped at 256 vs 6,032 uncapped.
 MAX_GRAPH_BATCH = 256
-
-
-@dataclass(eq=False)
-class _LaunchedStep:
-    """A sampling step queued on the device whose tokens the host has not read yet."""
-
-    seqs: list[SeqState]  # row order
-    ids: torch.Tensor  # (B,) int64 on the device: feeds the next step
-    host: HostCopy
 
 
 @dataclass(frozen=True)
@@ -97,7 +62,7 @@ class RuntimeOptions:
     max_total_tokens: int = 0
 
 
-class NativeEngine:
+class NativeEngine(DecodeSteps):
     def __init__(
         self,
         *,
@@ -390,145 +355,12 @@ class NativeEngine:
             stop_ids=stop_ids,
         )
 
-    def _decode_overlapped(self, max_steps: int) -> tuple[list[Generation], int]:
-        """Multi-step decode with the host one step behind the device: step k+1 is launched
-        before step k's tokens are read back, so the host's per-step work (reading tokens, building
-        Generations) runs while the GPU computes instead of between steps.
-
-        Step k+1 is launched before anyone knows whether a sequence ended at step k. A LENGTH end is
-        known in advance, so the call never runs past the first one. An EOS (or stop id) end is
-        not: the step already launched still computes that sequence's next token, which is dropped
-        (its K/V lands in a slot of its own blocks: the router grew every sequence for max_steps
-        tokens), and the call ends there so the next one rebuilds the batch without it."""
-        remaining = min(s.stopping.max_new_tokens - s.generated for s in self.seqs.values())
-        n = max(1, min(max_steps, remaining))
-        out: list[Generation] = []
-        pending: _LaunchedStep | None = None
-        steps = 0
-        while steps < n and self.seqs:
-            launched = self._launch_step()
-            steps += 1
-            if pending is not None:
-                gens = self._finish_step(pending)
-                out.extend(gens)
-                if any(g.finish_reason is not None for g in gens):
-                    out.extend(self._finish_step(launched))  # skips the sequences that just ended
-                    return out, steps
-            pending = launched
-        if pending is not None:
-            out.extend(self._finish_step(pending))
-        return out, steps
-
-    def _launch_step(self) -> _LaunchedStep:
-        """Queues one decode step (forward, sampling, the tokens' copy to the host) without waiting
-        for it, and advances the device-side batch. Host state (tokens, counts) waits for
-        _finish_step; kv_len counts the K/V this step writes."""
-        if self._decode_batch is None:
-            order = list(self.seqs)
-            self._decode_order = order
-            self._sampling_batch = None
-            self._decode_batch = DecodeBatch(
-                last_tokens=[self.seqs[r].tokens[-1] for r in order],
-                kv_lens=[self.seqs[r].kv_len for r in order],
-                block_tables=[self.seqs[r].blocks for r in order],
-                block_size=self.block_size,
-                device=self.device,
-            )
-        db = self._decode_batch
-        seqs = [self.seqs[r] for r in self._decode_order]
-        for s in seqs:  # a sequence may outgrow its blocks within a multi-step call
-            if len(s.blocks) * self.block_size <= s.kv_len:
-                raise InvalidRequestError(f"Decode: request {s.id} has no room for its next token")
-        batch = db.forward_batch()
-        if self._graphs is not None and self._graphs.supports(batch):
-            logits = self._graphs(batch)
-        else:
-            logits = self._forward(batch)
-        for s in seqs:
-            s.kv_len += 1
-        if self._sampling_batch is None:
-            self._sampling_batch = self._sampling_batch_for(seqs)
-        launched = self._sample_launch(seqs, logits, self._sampling_batch)
-        db.advance(launched.ids)
-        self._sampling_batch.update_history(launched.ids)
-        return launched
-
-    def _finish_step(self, step: _LaunchedStep) -> list[Generation]:
-        """Reads a launched step's tokens (waits for its copy) and applies them to the host state.
-        Sequences that left meanwhile (ended at the step before) are skipped: their token is void."""
-        gens = self._generations(step)
-        if any(g.finish_reason is not None for g in gens):
-            for g in gens:
-                if g.finish_reason is not None:
-                    self.seqs.pop(g.request_id, None)
-            self._decode_batch = None
-        return gens
-
     def _forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """(L, V) float32 logits on the last pipeline stage; None on the others (their forward has
         sent its hidden states on to the next stage)."""
         assert self.kv is not None
         out = self.model(batch, self.kv)
         return out if self.is_last_stage else None
-
-    def _sample_and_step(self, seqs: list[SeqState], logits: torch.Tensor | None) -> list[Generation]:
-        gens = self._generations(self._sample_launch(seqs, logits, self._sampling_batch_for(seqs)))
-        for g in gens:
-            if g.finish_reason is not None:
-                self.seqs.pop(g.request_id, None)
-        return gens
-
-    def _sampling_batch_for(self, seqs: list[SeqState]) -> SamplingBatch:
-        rows = [
-            SamplingRow(params=s.sampling, history=s.tokens, generator=s.generator, top_n=s.top_n) for s in seqs
-        ]
-        return SamplingBatch.prepare(rows, vocab_size=self.mc.vocab_size, device=self.device)
-
-    def _sample_launch(self, seqs: list[SeqState], logits: torch.Tensor | None, batch: SamplingBatch) -> _LaunchedStep:
-        """Samples on the last pipeline stage (logits given); the other stages get the ids only.
-        Queues the results' copy to the host and returns without waiting for it.
-
-        `batch` is prepared on every rank all the same: its validation must fail on all ranks alike,
-        or the others would wait in the broadcast below forever."""
-        if logits is not None:
-            out = self.sampler(logits, batch)
-        else:  # logprobs exist on the last stage only
-            b = len(seqs)
-            out = SampleOutput(
-                token_ids=torch.empty(b, dtype=torch.int64, device=self.device),
-                logprobs=torch.full((b,), math.nan, device=self.device),
-                top_ids=torch.empty(b, 0, dtype=torch.int64, device=self.device),
-                top_logprobs=torch.empty(b, 0, device=self.device),
-                top_n=(0,) * b,
-            )
-        if self.world_size > 1:
-            # All ranks must feed identical ids into the next step and stop alike: the last rank's
-            # choice wins (the router reads the last rank's answer too, so ids and logprobs match).
-            import torch.distributed as dist
-
-            dist.broadcast(out.token_ids, src=self.world_size - 1)
-        return _LaunchedStep(seqs=seqs, ids=out.token_ids, host=out.start_host_copy())
-
-    def _generations(self, step: _LaunchedStep) -> list[Generation]:
-        gens = []
-        for s, row in zip(step.seqs, step.host.rows(), strict=True):
-            if self.seqs.get(s.id) is not s:  # ended (or was filtered) after this step was launched
-                continue
-            tok = row.token_id
-            s.tokens.append(tok)
-            s.generated += 1
-            gens.append(
-                Generation(
-                    request_id=s.id,
-                    token_id=tok,
-                    logprob=row.logprob,
-                    generated_tokens=s.generated,
-                    seed=s.sampling.seed,
-                    finish_reason=s.finish_reason(tok),
-                    top_tokens=TopTokens(ids=row.top_ids, logprobs=row.top_logprobs),
-                )
-            )
-        return gens
 
     @staticmethod
     def _prompt_logprobs(logits: torch.Tensor, tokens: list[int]) -> TopTokens:
