@@ -14,13 +14,8 @@ from transformers.generation.logits_process import (
 
 from shard.engine.base import InvalidRequestError
 from shard.engine.types import SamplingParams
-from shard.native.sampler import (
-    SampleOutput,
-    Sampler,
-    SamplingBatch,
-    SamplingRow,
-    make_generator,
-)
+from shard.native.sampler import SampleOutput, Sampler
+from shard.native.sampling_batch import SamplingBatch, SamplingRow, make_generator
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 V = 64

@@ -23,7 +23,8 @@ from shard.engine.types import (
     TopTokens,
 )
 from shard.native.batch import DecodeBatch
-from shard.native.sampler import HostCopy, SampleOutput, SamplingBatch, SamplingRow
+from shard.native.sampler import HostCopy, SampleOutput
+from shard.native.sampling_batch import SamplingBatch, SamplingRow
 
 
 @dataclass(eq=False)

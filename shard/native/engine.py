@@ -34,7 +34,8 @@ from shard.native.decode_steps import DecodeSteps, SeqState
 from shard.native.forward import ForwardBatch
 from shard.native.kv_cache import KVCache, kv_bytes_per_block
 from shard.native.memory import plan_kv_blocks
-from shard.native.sampler import Sampler, SamplingBatch, make_generator
+from shard.native.sampler import Sampler
+from shard.native.sampling_batch import SamplingBatch, make_generator
 
 log = logging.getLogger(__name__)
 
