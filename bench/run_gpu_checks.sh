@@ -8,8 +8,12 @@
 #           1024/128 at concurrency 1 (TTFT of a 1k prompt on an idle server)
 #   tests  kernels, engine vs transformers, TP NCCL logits, and the whole stack vs transformers at
 #          TP=1/2/4 and PP=2 (tests/test_gpu_stack.py; needs TOKENIZER)
+#   router  the router's own limit on this host's CPU (bench/router_bench.py, counting test engine)
+#   maxload max-load HTTP serving, TP=1, --max-batch-size 256: 128/128 with 1,024 prompts at once
+#           (first from the checkout in BASE, if set, for a same-machine baseline), then 2048/128 and
+#           1000/1000 (MAXLOAD_MORE=0 skips those)
 #
-#   bench/run_gpu_checks.sh            # STAGES="bench tests" (default), OUT=results folder
+#   bench/run_gpu_checks.sh            # STAGES="bench profile serve tests" (default), OUT=results folder
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -48,6 +52,27 @@ if has serve; then
   timeout -k 30 300 $PY -m bench.serve_bench --launch="$LAUNCH" --tokenizer "$TOKENIZER" \
     --plan "128/128|1,64,inf|8,256,1024" "1024/128|1|4" --out "$OUT/serve-tp1.json" 2>&1 \
     | grep -v '^\[shard\|^INFO\|^WARNING\|^\[router\|^\[launcher' | tail -n 7
+fi
+if has router; then
+  echo "=== router"
+  timeout -k 30 200 $PY -m bench.router_bench --tokenizer "$TOKENIZER" --concurrency 256,1024 --out "$OUT/router.json" 2>&1 | tail -n 5
+fi
+if has maxload; then
+  echo "=== maxload"
+  TOK=$(realpath "$TOKENIZER") OUTABS=$(realpath -m "$OUT")
+  ML="--model-id shard/native/configs/llama-3.1-8b.json --load-format dummy --dtype bfloat16 --tokenizer-name $TOK"
+  ML+=" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192"
+  ML+=" --max-concurrent-requests 1024 --max-batch-size 256"
+  maxload() {  # maxload DIR NAME PLAN...
+    local dir=$1 name=$2
+    shift 2
+    (cd "$dir" && timeout -k 30 280 $PY -m bench.serve_bench --launch="$ML" --tokenizer "$TOK" --warmup-requests 4 \
+      --plan "$@" --out "$OUTABS/maxload-$name.json" 2>&1 \
+      | grep -v '^\[shard\|^INFO\|^WARNING\|^\[router\|^\[launcher' | tail -n 5)
+  }
+  [ -n "${BASE:-}" ] && maxload "$BASE" baseline "128/128|inf|1024"
+  maxload . new "128/128|inf|1024"
+  [ "${MAXLOAD_MORE:-1}" = 1 ] && maxload . more "2048/128|inf|256" "1000/1000|inf|384"
 fi
 if has tests; then
   echo "=== tests"

@@ -233,10 +233,13 @@ async def run_benchmark(
             prompts = [
                 exact_prompt(tok, in_len, rng, vocab=vocab) for _ in range(num_prompts_for(conc, counts, k))
             ]
+            before = server_counters(base_url)
             records, duration = await run_level(
                 base_url, prompts, max_new_tokens=out_len, concurrency=conc, extra_params=extra
             )
+            after = server_counters(base_url)
             res = level_result(records, duration, preset=preset, concurrency=conc, max_new_tokens=out_len)
+            res["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in after}
             res["exact_input_fraction"] = sum(n == in_len for _, n in prompts) / len(prompts)
             results.append(res)
             save(results)
@@ -261,6 +264,29 @@ def tokenizer_name(args: argparse.Namespace) -> str:
     from launcher.embedded import embedded_model_path
 
     return embedded_model_path()
+
+
+SERVER_COUNTERS = ("tgi_batch_inference_duration_sum", "tgi_batch_forward_duration_sum", "tgi_batch_inference_count")
+
+
+def server_counters(base_url: str) -> dict[str, float]:
+    """The router's batch counters from /metrics (e.g. "tgi_batch_forward_duration_sum/decode"):
+    their change over a level splits its wall time into engine time, RPC time and the rest
+    (the router's own serial work). Empty when the server has no such metrics."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except Exception:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in SERVER_COUNTERS and 'method="' in rest:
+            method = rest.split('method="', 1)[1].split('"', 1)[0]
+            out[f"{name}/{method}"] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def server_info(base_url: str) -> dict[str, Any]:

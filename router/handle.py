@@ -47,6 +47,12 @@ class RequestHandle:
             if item.finish_reason is not None:
                 return
 
+    @property
+    def pending(self) -> bool:
+        """Items are queued right now: the consumer will get the next one without waiting (a
+        multi-step Decode call pushes several tokens at once; the SSE writer sends them together)."""
+        return not self._items.empty()
+
     def cancel(self) -> None:
         if not self._closed:
             self._closed = True

@@ -12,11 +12,25 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 OPENAI_DONE = b"data: [DONE]\n\n"
+# Events already here are written together (one multi-step Decode call's tokens), up to this many.
+MAX_EVENTS_PER_WRITE = 16
+
+
+# Built once: json.dumps with options builds an encoder per call (a third of its cost per event).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def json_string(text: str) -> str:
+    """A JSON string literal exactly as dumps() writes it (non-ASCII kept)."""
+    return _ENCODE_STRING(text)
+
+
+_ENCODE_STRING = json.encoder.encode_basestring  # the C encoder's string escaping, ensure_ascii=False
 
 
 def dumps(obj: Any) -> str:
     """Compact JSON like TGI's serde output; non-ASCII text stays readable."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(obj)
 
 
 def tgi_event(obj: Any) -> bytes:

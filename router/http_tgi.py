@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from router import metrics
 from router.errors import RouterError
-from router.http_sse import SSEResponse, tgi_event
+from router.http_sse import MAX_EVENTS_PER_WRITE, SSEResponse, json_string, tgi_event
 from router.http_state import AppState, count_failures, unless_disconnected
 from router.schemas import GenerateParameters, GenerateRequest
 from router.stream import (
@@ -131,17 +131,40 @@ async def generate_outcomes(state: AppState, valid: ValidRequest) -> tuple[Outco
 async def tgi_stream(
     gen: Generation, *, details: bool, prompt: str | None, started_at: float
 ) -> AsyncIterator[bytes]:
-    """TGI's event stream; an error after the response started becomes an error event."""
+    """TGI's event stream; an error after the response started becomes an error event. Events of
+    tokens that arrived together (one multi-step Decode call) go out in one write: each write
+    crosses the ASGI middleware and the HTTP protocol, the router's largest cost per token. A
+    backlog is still written every MAX_EVENTS_PER_WRITE events."""
+    events: list[bytes] = []
     try:
         async with contextlib.aclosing(gen.steps()) as steps:
             async for step in steps:
                 if step.outcome is not None:
                     record_success(step.outcome, started_at)
-                yield tgi_event(stream_json(step, details=details, prompt=prompt))
+                events.append(step_event(step, details=details, prompt=prompt))
+                if not gen.more_ready or len(events) >= MAX_EVENTS_PER_WRITE:
+                    yield b"".join(events)
+                    events.clear()
     except RouterError as e:
         metrics.REQUEST_FAILURE.labels(err=e.error_type).inc()
         logger.warning("generation failed mid-stream: %s", e)
-        yield tgi_event({"error": str(e), "error_type": e.error_type})
+        events.append(tgi_event({"error": str(e), "error_type": e.error_type}))
+    if events:
+        yield b"".join(events)
+
+
+def step_event(step: Step, *, details: bool, prompt: str | None) -> bytes:
+    """One TGI stream event. The common case -- a token that is not the last, without top tokens
+    -- is formatted directly (byte for byte what tgi_event(stream_json(...)) gives, tested): the
+    router spends a tenth of its time per token in the JSON encoder otherwise."""
+    t = step.token
+    if step.outcome is not None or step.top_tokens:
+        return tgi_event(stream_json(step, details=details, prompt=prompt))
+    lp = "null" if t.logprob is None else repr(t.logprob)
+    return (
+        f'data:{{"index":{step.index},"token":{{"id":{t.id},"text":{json_string(t.text)},"logprob":{lp},'
+        f'"special":{"true" if t.special else "false"}}},"top_tokens":[],"generated_text":null,"details":null}}\n\n'
+    ).encode()
 
 
 def stream_json(step: Step, *, details: bool, prompt: str | None) -> dict[str, Any]:

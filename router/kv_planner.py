@@ -49,8 +49,14 @@ class KvPlanner:
         return Placement(blocks=[*matched, *fresh], prefix_len=prefix_len)
 
     def grow(self, entry: Entry, steps: int) -> list[int] | None:
-        """New blocks so the entry can take `steps` more tokens; None when they don't fit."""
-        want = self.allocator.blocks_for_tokens(entry.kv_len + min(steps, entry.remaining_new_tokens) + 1)
+        """New blocks so the entry can take `steps` more tokens; None when they don't fit. Also
+        for an entry with fewer tokens left: an engine keeps a sequence that ended mid-call in its
+        batch until the call ends, writing K/V into its own blocks (shard/native/decode_steps.py);
+        it costs at most one block per sequence near its end: the growth is capped at one block
+        past the request's own maximum, which the start-up check keeps within capacity (a lone
+        request must always fit, or it would preempt itself forever)."""
+        longest = len(entry.request.input_ids) + entry.request.max_new_tokens + self.allocator.block_size
+        want = self.allocator.blocks_for_tokens(min(entry.kv_len + steps + 1, longest))
         need = want - len(entry.blocks)
         try:
             fresh = self._allocate(need)

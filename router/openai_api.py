@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from router import http_openai_format as fmt
 from router import metrics
 from router.errors import RouterError, ValidationError
-from router.http_sse import OPENAI_DONE, SSEResponse, openai_event
+from router.http_sse import MAX_EVENTS_PER_WRITE, OPENAI_DONE, SSEResponse, openai_event
 from router.http_state import AppState, count_failures, unless_disconnected
 from router.schemas import ChatRequest, CompletionRequest
 from router.stream import (
@@ -143,6 +143,7 @@ class OpenAIResponder:
 
     async def stream(self, batch: Batch, *, include_usage: bool, started_at: float) -> AsyncIterator[bytes]:
         outcomes: list = [None] * len(batch.gens)
+        events: list[bytes] = []  # chunks of tokens that arrived together: one write (see tgi_stream)
         try:
             if self.echo:
                 for i, prompt in enumerate(batch.prompts):
@@ -153,19 +154,22 @@ class OpenAIResponder:
                     outcomes[i] = step.outcome
                     record_success(step.outcome, started_at)
                     finish = fmt.finish_reason(step.outcome.finish_reason)
-                yield openai_event(self.chunk(i, step.token.text, step=step, finish=finish))
+                events.append(openai_event(self.chunk(i, step.token.text, step=step, finish=finish)))
+                if len(events) >= MAX_EVENTS_PER_WRITE or not any(g.more_ready for g in batch.gens):
+                    yield b"".join(events)
+                    events.clear()
             if include_usage:
                 body = {
                     **self.envelope(chunk=True),
                     "choices": [],
                     "usage": fmt.usage(batch.prompt_tokens, outcomes),
                 }
-                yield openai_event(body)
+                events.append(openai_event(body))
         except RouterError as e:
             metrics.REQUEST_FAILURE.labels(err=e.error_type).inc()
             logger.warning("generation failed mid-stream: %s", e)
-            yield openai_event({"error": str(e), "error_type": e.error_type})
-        yield OPENAI_DONE
+            events.append(openai_event({"error": str(e), "error_type": e.error_type}))
+        yield b"".join(events) + OPENAI_DONE
 
 
 def _close_all(batch: Batch) -> None:

@@ -39,7 +39,7 @@ class IncompleteGenerationError(GenerationError):
     error_type = "incomplete_generation"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per token: slots, not frozen (cheaper to build)
 class OutToken:
     id: int
     text: str
@@ -77,7 +77,7 @@ class Outcome:
         return sum(lps) / len(lps) if lps else float("-inf")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per token: slots, not frozen (cheaper to build)
 class Step:
     index: int  # 1-based token position
     token: OutToken
@@ -121,6 +121,11 @@ class Generation:
     finished: bool = False
     _tokens: list[OutToken] = field(default_factory=list)
     _top: list[list[OutToken]] = field(default_factory=list)
+
+    @property
+    def more_ready(self) -> bool:
+        """The next step is already here (see RequestHandle.pending)."""
+        return self.handle.pending
 
     def close(self) -> None:
         """Cancel the handle unless the generation finished (safe to call any number of times,

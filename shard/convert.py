@@ -122,11 +122,12 @@ def generation_to_pb(gen: Generation) -> pb.Generation:
         request_id=gen.request_id,
         token_id=gen.token_id,
         logprob=gen.logprob,
-        top_tokens=tokens_to_pb(gen.top_tokens),
         finish_reason=_FINISH_REASON[gen.finish_reason],
         generated_tokens=gen.generated_tokens,
         seed=gen.seed,
     )
+    if gen.top_tokens.ids:  # left unset when none were asked: the router then skips it cheaply
+        msg.top_tokens.CopyFrom(tokens_to_pb(gen.top_tokens))
     if gen.prefill_tokens is not None:
         msg.prefill_tokens.CopyFrom(tokens_to_pb(gen.prefill_tokens))
     return msg

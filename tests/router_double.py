@@ -89,6 +89,11 @@ class ScriptedHandle:
     yielded: int = 0
     _wake: asyncio.Event | None = None
 
+    @property
+    def pending(self) -> bool:
+        """Tokens come one at a time (after step_delay): none is ever queued in advance."""
+        return False
+
     def cancel(self) -> None:
         self.cancelled.set()
         if self._wake is not None:

@@ -237,7 +237,11 @@ def create(config: ShardConfig, dist: DistContext) -> CountingTestEngine:
     if fail == "start" and fails_here:
         raise RuntimeError(f"test double told to fail at start on rank {dist.rank}")
     return CountingTestEngine(
+        # TEST_ENGINE_VOCAB_SIZE: tokens beyond the 64 default, e.g. ordinary words of a real
+        # tokenizer for bench/router_bench.py.
+        vocab_size=int(os.environ.get("TEST_ENGINE_VOCAB_SIZE", "64")),
         block_size=config.block_size,
+        num_blocks=int(os.environ.get("TEST_ENGINE_NUM_BLOCKS", "100")),
         model_id=config.model_id,
         world_size=dist.world_size,
         tp_size=dist.tp_size,

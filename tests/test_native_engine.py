@@ -202,5 +202,31 @@ def test_overlapped_decode_gives_the_plain_loops_generations(models):
     ended = [x for x in overlapped if x[0] == 9]
     assert [x[1] for x in ended] == greedy0[: greedy0.index(greedy0[4]) + 1]
     assert ended[-1][3] is FinishReason.EOS_TOKEN
-    # request 2 ends by LENGTH after 3 tokens (1 at prefill): the first call stops at 2 steps
-    assert steps[0] == 2
+    # request 2 ends by LENGTH after 3 tokens (1 at prefill), at the first call's second step, and
+    # request 9 by EOS at the second call: both ride along, and the calls run their 4 steps
+    assert steps[:2] == [4, 4]
+
+
+def test_a_rider_without_room_ends_the_overlapped_call(models):
+    """A sequence that ended mid-call keeps writing K/V into its own blocks until the call ends;
+    with no block left for that, the call ends early (no error), and the rest carries on."""
+    hf = models[0]
+    g = torch.Generator().manual_seed(6)
+    long_prompt, short_prompt = (torch.randint(3, 290, (n,), generator=g).tolist() for n in (5, 2 * BS - 3))
+    eng = make_engine(models, overlap=True)
+    blocks = Blocks(eng.kv.num_blocks - 1)
+    # short: 2 new tokens and blocks for exactly prompt + 2 tokens + 1 (no slack for a rider)
+    short = NewRequest(id=2, input_ids=tuple(short_prompt), sampling=SamplingParams(),
+                       stopping=StoppingParams(max_new_tokens=2, ignore_eos_token=True), blocks=tuple(blocks.take(2)))
+    long = req(1, long_prompt, 9, blocks)
+    gens = {1: [], 2: []}
+    for x in eng.prefill([long, short]).generations:
+        gens[x.request_id].append(x.token_id)
+    first = eng.decode({}, 4)
+    assert first.steps == 3  # the short one ended at step 1; its 8 slots hold no K/V for a 4th step
+    for x in first.generations:
+        gens[x.request_id].append(x.token_id)
+    while eng.seqs:
+        for x in eng.decode({}, 4).generations:
+            gens[x.request_id].append(x.token_id)
+    assert gens == {1: hf_greedy(hf, long_prompt, 9), 2: hf_greedy(hf, short_prompt, 2)}

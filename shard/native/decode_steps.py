@@ -4,7 +4,7 @@ host state, with the host optionally one step behind the device (DecodeSteps._de
 DecodeSteps is a mixin of NativeEngine (engine.py), split out to keep each file small. It relies on
 these engine attributes: seqs (id -> SeqState, the running set), mc (ModelConfig), device,
 block_size, world_size, sampler, _graphs (GraphedDecode | None), _overlap, and the per-running-set
-caches _decode_batch / _decode_order / _sampling_batch (None = rebuild), and on _forward(batch).
+caches _decode_batch / _decode_rows / _sampling_batch (None = rebuild), and on _forward(batch).
 """
 
 from __future__ import annotations
@@ -67,47 +67,55 @@ class DecodeSteps:
         before step k's tokens are read back, so the host's per-step work (reading tokens, building
         Generations) runs while the GPU computes instead of between steps.
 
-        Step k+1 is launched before anyone knows whether a sequence ended at step k. A LENGTH end is
-        known in advance, so the call never runs past the first one. An EOS (or stop id) end is
-        not: the step already launched still computes that sequence's next token, which is dropped
-        (its K/V lands in a slot of its own blocks: the router grew every sequence for max_steps
-        tokens), and the call ends there so the next one rebuilds the batch without it."""
-        remaining = min(s.stopping.max_new_tokens - s.generated for s in self.seqs.values())
-        n = max(1, min(max_steps, remaining))
+        Step k+1 is launched before anyone knows whether a sequence ended at step k, and the host
+        state is one step behind, so the batch cannot be rebuilt mid-call. A sequence that ends
+        (LENGTH, EOS or a stop id) therefore rides along until the call ends: it stays a row of the
+        device batch, its K/V goes to its own blocks (the router grows every sequence by max_steps
+        tokens), its tokens are dropped, and the batch -- and its CUDA graph -- keep their shape.
+        The next call rebuilds the batch without it. At full load some sequence ends at nearly
+        every step; ending the call there made most calls one step long (RPC and router work per
+        token). A riding sequence without room for the next K/V (a router that grew it less) ends
+        the call instead."""
         out: list[Generation] = []
         pending: LaunchedStep | None = None
         steps = 0
-        while steps < n and self.seqs:
+        while steps < max_steps and self.seqs:
+            if pending is not None and not self._riders_have_room():
+                break
             launched = self._launch_step()
             steps += 1
             if pending is not None:
-                gens = self._finish_step(pending)
-                out.extend(gens)
-                if any(g.finish_reason is not None for g in gens):
-                    out.extend(self._finish_step(launched))  # skips the sequences that just ended
-                    return out, steps
+                out.extend(self._finish_step(pending, rebuild=False))
             pending = launched
         if pending is not None:
-            out.extend(self._finish_step(pending))
+            out.extend(self._finish_step(pending, rebuild=False))
+        if len(self._decode_rows) != len(self.seqs):  # somebody ended: the next call rebuilds
+            self._decode_batch = None
         return out, steps
+
+    def _riders_have_room(self) -> bool:
+        """Every row that has ended still has a slot for the next step's K/V."""
+        return all(
+            len(s.blocks) * self.block_size > s.kv_len for s in self._decode_rows if self.seqs.get(s.id) is not s
+        )
 
     def _launch_step(self) -> LaunchedStep:
         """Queues one decode step (forward, sampling, the tokens' copy to the host) without waiting
         for it, and advances the device-side batch. Host state (tokens, counts) waits for
         _finish_step; kv_len counts the K/V this step writes."""
         if self._decode_batch is None:
-            order = list(self.seqs)
-            self._decode_order = order
+            rows = list(self.seqs.values())
+            self._decode_rows = rows
             self._sampling_batch = None
             self._decode_batch = DecodeBatch(
-                last_tokens=[self.seqs[r].tokens[-1] for r in order],
-                kv_lens=[self.seqs[r].kv_len for r in order],
-                block_tables=[self.seqs[r].blocks for r in order],
+                last_tokens=[s.tokens[-1] for s in rows],
+                kv_lens=[s.kv_len for s in rows],
+                block_tables=[s.blocks for s in rows],
                 block_size=self.block_size,
                 device=self.device,
             )
         db = self._decode_batch
-        seqs = [self.seqs[r] for r in self._decode_order]
+        seqs = self._decode_rows  # rows that ended this call stay (see _decode_overlapped)
         for s in seqs:  # a sequence may outgrow its blocks within a multi-step call
             if len(s.blocks) * self.block_size <= s.kv_len:
                 raise InvalidRequestError(f"Decode: request {s.id} has no room for its next token")
@@ -125,15 +133,18 @@ class DecodeSteps:
         self._sampling_batch.update_history(launched.ids)
         return launched
 
-    def _finish_step(self, step: LaunchedStep) -> list[Generation]:
+    def _finish_step(self, step: LaunchedStep, *, rebuild: bool = True) -> list[Generation]:
         """Reads a launched step's tokens (waits for its copy) and applies them to the host state.
-        Sequences that left meanwhile (ended at the step before) are skipped: their token is void."""
+        Sequences that left meanwhile (ended at an earlier step) are skipped: their token is void.
+        Ended sequences leave the running set; with `rebuild`, also the device batch at once (the
+        plain loop, whose host state is never behind)."""
         gens = self._generations(step)
         if any(g.finish_reason is not None for g in gens):
             for g in gens:
                 if g.finish_reason is not None:
                     self.seqs.pop(g.request_id, None)
-            self._decode_batch = None
+            if rebuild:
+                self._decode_batch = None
         return gens
 
     def _sample_and_step(self, seqs: list[SeqState], logits: torch.Tensor | None) -> list[Generation]:

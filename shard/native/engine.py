@@ -100,8 +100,8 @@ class NativeEngine(DecodeSteps):
         self.seqs: dict[int, SeqState] = {}
         self.sampler = Sampler(model_config.vocab_size, device)
         self._decode_batch: DecodeBatch | None = None
-        self._decode_order: list[int] = []
-        self._sampling_batch: SamplingBatch | None = None  # rows in _decode_order; penalties see new tokens
+        self._decode_rows: list[SeqState] = []  # the device batch's rows (may hold ended sequences)
+        self._sampling_batch: SamplingBatch | None = None  # rows as _decode_rows; penalties see new tokens
         self._graphs = None  # GraphedDecode once captured (CUDA only)
         overlap = options.overlap_decode
         self._overlap = (device.type == "cuda" and pp_size == 1) if overlap is None else overlap

@@ -1,0 +1,160 @@
+"""Router overhead benchmark: how many output tokens per second the router can stream over HTTP
+when the engine costs nothing, and how much of the router's CPU each token takes.
+
+    python -m bench.router_bench --concurrency 64,128,256 --num-prompts 512
+
+The whole stack runs for real (launcher, mpiexec, gRPC, router, HTTP/SSE, the bench's aiohttp
+client), but the shard hosts the counting test double (tests/shard_test_engine.py): every token is
+free, so the throughput measured is the serving path's own limit. The key figure is the router
+process's CPU time per output token (user + system, from /proc, over the level): at max load the
+router is a single Python event loop, so 1 / (CPU seconds per token) bounds its output tok/s on
+one core of that machine, whatever the GPU does. The load generator shares the machine, so on a
+small VM the wall-clock throughput understates what the router alone would reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import exit_on_sigterm, format_table, machine_facts, parse_int_list, write_results
+from bench.serve_bench import exact_prompt, level_result, plain_vocab, run_level
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (its threads included), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15)
+
+
+def find_process(needle: str, marker: str) -> int:
+    """The pid whose command line holds both strings (e.g. "router" and the stack's port)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd and marker in cmd:
+            return int(entry.name)
+    raise RuntimeError(f"no process with {needle!r} and {marker!r} in its command line")
+
+
+async def measure(
+    base_url: str, pids: dict[str, int], prompts: list[tuple[str, int]], *, out_len: int, concurrency: int
+) -> dict[str, Any]:
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    records, duration = await run_level(
+        base_url, prompts, max_new_tokens=out_len, concurrency=concurrency, extra_params={"ignore_eos_token": True}
+    )
+    cpu = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+    res = level_result(records, duration, preset=f"{prompts[0][1]}/{out_len}", concurrency=concurrency,
+                       max_new_tokens=out_len)
+    tokens = sum(r.output_tokens for r in records if r.ok)
+    res.pop("samples")
+    res["cpu_seconds"] = cpu
+    res["router_cpu_us_per_token"] = cpu["router"] / max(tokens, 1) * 1e6
+    res["router_cpu_utilization"] = cpu["router"] / duration
+    res["router_bound_tok_s"] = tokens / cpu["router"] if cpu["router"] else None
+    return res
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.router_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--concurrency", type=parse_int_list, default=[64, 256, 1024], help="levels; 1024 = all prompts at once"
+    )
+    p.add_argument("--num-prompts", type=int, default=1024)
+    p.add_argument("--max-batch-size", type=int, default=256, help="as in the GPU max-load runs")
+    p.add_argument("--input-len", type=int, default=64, help="the test double accepts at most 100")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-decode-steps", type=int, default=4)
+    p.add_argument("--launch", default="", help="more launcher flags")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder or .gguf (default: the embedded model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import shlex
+
+    from launcher.embedded import embedded_model_path
+    from router.tokenizer import load_tokenizer
+    from tests.stack import running_stack
+
+    args = parse_args(argv)
+    exit_on_sigterm()
+    tok = load_tokenizer(args.tokenizer or embedded_model_path())
+    top = args.max_batch_size
+    env = {
+        # Ordinary tokens of the real tokenizer (the double counts up from the prompt's last id),
+        # and KV blocks for every request in flight.
+        "TEST_ENGINE_VOCAB_SIZE": str(tok.vocab_size),
+        "TEST_ENGINE_NUM_BLOCKS": str(top * (args.input_len + args.output_len + 32)),
+    }
+    launch = [
+        "--engine", "tests.shard_test_engine:create",
+        *(["--model-id", args.tokenizer] if args.tokenizer else []),
+        "--max-batch-size", str(top),
+        "--max-concurrent-requests", str(max(*args.concurrency, args.num_prompts)),
+        "--max-decode-steps", str(args.max_decode_steps),
+        *shlex.split(args.launch),
+    ]
+    rng = random.Random(args.seed)
+    vocab = plain_vocab(tok)
+    facts = machine_facts()
+    levels: list[dict[str, Any]] = []
+    with running_stack(launch, env=env) as stack:
+        port = stack.base_url.rsplit(":", 1)[1]
+        pids = {"router": find_process("-m router", f"--port {port}"), "shard": find_process("-m shard", "")}
+        warm = [exact_prompt(tok, args.input_len, rng, vocab=vocab) for _ in range(8)]
+        asyncio.run(run_level(stack.base_url, warm, max_new_tokens=16, concurrency=None, extra_params={}))
+        for conc in args.concurrency:
+            prompts = [exact_prompt(tok, args.input_len, rng, vocab=vocab) for _ in range(args.num_prompts)]
+            t0 = time.perf_counter()
+            res = asyncio.run(measure(stack.base_url, pids, prompts, out_len=args.output_len, concurrency=conc))
+            levels.append(res)
+            print(
+                f"c={conc:4d}: {res['output_throughput']:8.1f} out tok/s, router "
+                f"{res['router_cpu_us_per_token']:6.1f} CPU us/token ({res['router_cpu_utilization']:.0%} of a "
+                f"core), failed {res['failed']}, {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
+    path = write_results(
+        {"benchmark": "router", "machine": facts, "params": vars(args), "levels": levels},
+        name="router",
+        out=args.out,
+    )
+    print(
+        format_table(
+            ["conc", "out tok/s", "router us/tok", "router core", "router-bound tok/s", "ITL p50", "failed"],
+            [
+                [
+                    r["concurrency"],
+                    r["output_throughput"],
+                    r["router_cpu_us_per_token"],
+                    r["router_cpu_utilization"],
+                    r["router_bound_tok_s"],
+                    r["itl_ms"]["p50"],
+                    r["failed"],
+                ]
+                for r in levels
+            ],
+        )
+    )
+    print(f"wrote {path}")
+    return 0 if all(r["failed"] == 0 for r in levels) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
