@@ -230,3 +230,65 @@ def test_a_rider_without_room_ends_the_overlapped_call(models):
         for x in eng.decode({}, 4).generations:
             gens[x.request_id].append(x.token_id)
     assert gens == {1: hf_greedy(hf, long_prompt, 9), 2: hf_greedy(hf, short_prompt, 2)}
+
+
+def test_carried_step_survives_prefill_filter_and_extensions(models):
+    """The overlapped loop leaves its last step in flight when a call returns; Prefill, FilterBatch
+    and block extensions read it first and the next Decode returns its tokens. Every request
+    still gets its solo greedy tokens, in order, and no call returns more than max_steps + 1."""
+    hf = models[0]
+    g = torch.Generator().manual_seed(8)
+    pa, pb, pc = (torch.randint(3, 290, (n,), generator=g).tolist() for n in (7, 5, 9))
+    eng = make_engine(models, overlap=True)
+    blocks = Blocks(eng.kv.num_blocks - 1)
+    got: dict[int, list[int]] = {1: [], 2: [], 3: []}
+
+    def take(gens) -> None:
+        per_call: dict[int, int] = {}
+        for x in gens:
+            got[x.request_id].append(x.token_id)
+            per_call[x.request_id] = per_call.get(x.request_id, 0) + 1
+        assert all(n <= 5 for n in per_call.values()), per_call
+
+    # A has blocks for its prompt + 9 tokens only; the rest comes as a block extension later
+    a = NewRequest(id=1, input_ids=tuple(pa), sampling=SamplingParams(),
+                   stopping=StoppingParams(max_new_tokens=20, ignore_eos_token=True),
+                   blocks=tuple(blocks.take(math.ceil((len(pa) + 10) / BS))))
+    take(eng.prefill([a]).generations)
+    take(eng.decode({}, 4).generations)
+    assert eng._carried is not None  # nobody ended: the last step stays in flight
+    take(eng.prefill([req(2, pb, 6, blocks), req(3, pc, 15, blocks)]).generations)  # reads it first
+    assert eng._carried is None and [x.request_id for x in eng._orphans] == [1]
+    take(eng.decode({}, 4).generations)
+    assert eng._carried is not None
+    eng.filter([3])
+    take(eng.decode({}, 4).generations)
+    take(eng.decode({1: blocks.take(4)}, 4).generations)
+    while eng.seqs:
+        take(eng.decode({}, 4).generations)
+    assert got[1] == hf_greedy(hf, pa, 20)
+    assert got[2] == hf_greedy(hf, pb, 6)
+    assert got[3] == hf_greedy(hf, pc, 15)[: len(got[3])] and 0 < len(got[3]) < 15
+
+
+def test_a_request_that_ended_in_a_carried_step_may_still_get_blocks(models):
+    """A ends inside the step carried over a Prefill; the router, not told yet, grows it at the
+    next Decode: the extension is ignored and that Decode reports the end."""
+    hf = models[0]
+    g = torch.Generator().manual_seed(13)
+    pa, pb = (torch.randint(3, 290, (n,), generator=g).tolist() for n in (6, 4))
+    eng = make_engine(models, overlap=True)
+    blocks = Blocks(eng.kv.num_blocks - 1)
+    got: dict[int, list] = {1: [], 2: []}
+    for call in (lambda: eng.prefill([req(1, pa, 6, blocks)]), lambda: eng.decode({}, 4)):
+        for x in call().generations:  # 1 token at prefill + 4: the carried step holds the 6th
+            got[x.request_id].append((x.token_id, x.finish_reason))
+    assert eng._carried is not None
+    for x in eng.prefill([req(2, pb, 3, blocks)]).generations:
+        got[x.request_id].append((x.token_id, x.finish_reason))
+    assert 1 not in eng.seqs  # read at the prefill: A ended
+    while eng.seqs or eng._orphans:
+        for x in eng.decode({1: blocks.take(1)} if not got[2][1:] else {}, 4).generations:
+            got[x.request_id].append((x.token_id, x.finish_reason))
+    assert [t for t, _ in got[1]] == hf_greedy(hf, pa, 6) and got[1][-1][1] is FinishReason.LENGTH
+    assert [t for t, _ in got[2]] == hf_greedy(hf, pb, 3)

@@ -65,33 +65,74 @@ class DecodeSteps:
     def _decode_overlapped(self, max_steps: int) -> tuple[list[Generation], int]:
         """Multi-step decode with the host one step behind the device: step k+1 is launched
         before step k's tokens are read back, so the host's per-step work (reading tokens, building
-        Generations) runs while the GPU computes instead of between steps.
+        Generations) runs while the GPU computes instead of between steps. Returns max_steps
+        tokens per sequence (fewer when sequences end; max_steps + 1 when the carried step, below,
+        had to be read at once).
 
-        Step k+1 is launched before anyone knows whether a sequence ended at step k, and the host
-        state is one step behind, so the batch cannot be rebuilt mid-call. A sequence that ends
-        (LENGTH, EOS or a stop id) therefore rides along until the call ends: it stays a row of the
-        device batch, its K/V goes to its own blocks (the router grows every sequence by max_steps
-        tokens), its tokens are dropped, and the batch -- and its CUDA graph -- keep their shape.
-        The next call rebuilds the batch without it. At full load some sequence ends at nearly
-        every step; ending the call there made most calls one step long (RPC and router work per
-        token). A riding sequence without room for the next K/V (a router that grew it less) ends
-        the call instead."""
-        out: list[Generation] = []
-        pending: LaunchedStep | None = None
-        steps = 0
-        while steps < max_steps and self.seqs:
+        Carried step: the call's last launched step stays in flight when the call returns
+        (_carried), so the GPU computes through the RPC turn-around (the router's work and the
+        next Decode on its way); the next call returns its tokens first. Anything else that needs
+        the host state first reads it (_settle): its tokens wait in _orphans for the next Decode.
+        Only a call where nobody ended carries; the router grows every sequence by max_steps + 1
+        K/V slots (kv_planner.grow), which covers the carried step's.
+
+        Riders: step k+1 is launched before anyone knows whether a sequence ended at step k, and
+        the host state is one step behind, so the batch cannot be rebuilt mid-call. A sequence
+        that ends (LENGTH, EOS or a stop id) rides along until the call ends: it stays a row of the
+        device batch, its K/V goes to its own blocks, its tokens are dropped, and the batch -- and
+        its CUDA graph -- keep their shape. The next call rebuilds the batch without it. At full
+        load some sequence ends at nearly every step; ending the call there made most calls one
+        step long (RPC and router work per token). A rider without room for the next K/V (a router
+        that grew it less) ends the call instead."""
+        out, self._orphans = self._orphans, []
+        pending, self._carried = self._carried, None
+        returned = 1 if out else 0  # steps whose tokens are in `out`; orphans come first
+        while self.seqs:
+            if returned + (pending is not None) >= max_steps:  # pending completes the call
+                launched = self._launch_step() if self._can_carry() else None
+                if pending is not None:
+                    out.extend(self._finish_step(pending, rebuild=False))
+                    returned += 1
+                pending = None
+                if launched is not None:
+                    if len(self._decode_rows) == len(self.seqs):
+                        self._carried = launched
+                    else:  # somebody ended at the last step: read the extra step now
+                        out.extend(self._finish_step(launched, rebuild=False))
+                break
             if pending is not None and not self._riders_have_room():
                 break
             launched = self._launch_step()
-            steps += 1
             if pending is not None:
                 out.extend(self._finish_step(pending, rebuild=False))
+                returned += 1
             pending = launched
         if pending is not None:
             out.extend(self._finish_step(pending, rebuild=False))
-        if len(self._decode_rows) != len(self.seqs):  # somebody ended: the next call rebuilds
-            self._decode_batch = None
-        return out, steps
+            returned += 1
+        if self._carried is None and len(self._decode_rows) != len(self.seqs):
+            self._decode_batch = None  # somebody ended: the next call rebuilds
+        return out, returned
+
+    def _settle(self) -> None:
+        """Reads the carried step (if any) into the host state, its tokens kept for the next Decode:
+        anything that changes the running set or rebuilds the batch needs the host state current."""
+        if self._carried is not None:
+            step, self._carried = self._carried, None
+            self._orphans.extend(self._finish_step(step, rebuild=False))
+            if len(self._decode_rows) != len(self.seqs):
+                self._decode_batch = None
+
+    def _can_carry(self) -> bool:
+        """Nobody has ended in this call (a rider would force a rebuild under a step in flight),
+        and every row has a slot for one more step's K/V."""
+        if self._decode_batch is None:  # the next launch rebuilds the batch from every sequence
+            rows = list(self.seqs.values())
+        elif len(self._decode_rows) != len(self.seqs):
+            return False
+        else:
+            rows = self._decode_rows
+        return all(len(s.blocks) * self.block_size > s.kv_len for s in rows)
 
     def _riders_have_room(self) -> bool:
         """Every row that has ended still has a slot for the next step's K/V."""

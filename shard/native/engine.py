@@ -30,7 +30,7 @@ from shard.engine.types import (
 )
 from shard.native.batch import DecodeBatch, build_prefill
 from shard.native.config import ModelConfig
-from shard.native.decode_steps import DecodeSteps, SeqState
+from shard.native.decode_steps import DecodeSteps, LaunchedStep, SeqState
 from shard.native.forward import ForwardBatch
 from shard.native.kv_cache import KVCache, kv_bytes_per_block
 from shard.native.memory import plan_kv_blocks
@@ -102,6 +102,8 @@ class NativeEngine(DecodeSteps):
         self._decode_batch: DecodeBatch | None = None
         self._decode_rows: list[SeqState] = []  # the device batch's rows (may hold ended sequences)
         self._sampling_batch: SamplingBatch | None = None  # rows as _decode_rows; penalties see new tokens
+        self._carried: LaunchedStep | None = None  # launched, tokens not returned yet (decode_steps.py)
+        self._orphans: list[Generation] = []  # read from _carried outside Decode; the next one returns them
         self._graphs = None  # GraphedDecode once captured (CUDA only)
         overlap = options.overlap_decode
         self._overlap = (device.type == "cuda" and pp_size == 1) if overlap is None else overlap
@@ -246,6 +248,7 @@ class NativeEngine(DecodeSteps):
         self._bind_device()
         if self.kv is None:
             raise InvalidRequestError("Prefill before Warmup")
+        self._settle()
         new = [self._admit(r) for r in requests]
         start = time.perf_counter_ns()
         batch = build_prefill(
@@ -282,8 +285,15 @@ class NativeEngine(DecodeSteps):
     @torch.inference_mode()
     def decode(self, extensions: dict[int, Sequence[int]], max_steps: int) -> StepResult:
         self._bind_device()
+        if extensions:
+            self._settle()  # the batch is rebuilt with the new blocks, from current host state
+        # Requests that ended in a carried step read outside Decode: the router learns it from
+        # this call's answer, so it may still send them blocks.
+        ended = {g.request_id for g in self._orphans if g.finish_reason is not None}
         for rid, blocks in extensions.items():
             seq = self.seqs.get(rid)
+            if seq is None and rid in ended:
+                continue
             if seq is None:
                 raise InvalidRequestError(f"Decode: unknown request id {rid} in block extensions")
             seq.blocks.extend(blocks)
@@ -300,12 +310,22 @@ class NativeEngine(DecodeSteps):
         return StepResult(generations=out, steps=steps, forward_ns=time.perf_counter_ns() - start)
 
     def filter(self, remove_ids: Sequence[int]) -> int:
+        self._bind_device()
+        self._settle()
+        gone = set(remove_ids)
+        self._orphans = [g for g in self._orphans if g.request_id not in gone]
         for rid in remove_ids:
             if self.seqs.pop(rid, None) is not None:
                 self._decode_batch = None
         return len(self.seqs)
 
     def clear(self) -> None:
+        self._bind_device()
+        try:
+            self._settle()  # waits for the step in flight: nothing may still write the cache after this
+        except Exception:  # ClearCache follows failures: a broken step is dropped, not re-raised
+            self._carried = None
+        self._orphans = []
         self.seqs.clear()
         self._decode_batch = None
 
