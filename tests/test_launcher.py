@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -313,7 +314,11 @@ def test_rank_crash_while_serving_stops_the_router(workdir: Path, procs: list[Pr
     with pytest.raises(grpc.RpcError):
         prefill_one(rank1)  # rank 1 exits with status 3 in the middle of the call
     assert proc.wait(timeout=60) == 1, proc.output
-    assert "shard world (mpiexec) exited with status 3; stopping router" in proc.output
+    # Hydra passes rank 1's status 3 on, or -- when it had to kill rank 0 first, which happens on a
+    # loaded machine -- a status of its own: any non-zero end of the world must stop the router.
+    ended = re.search(r"shard world \(mpiexec\) (exited with status (\d+)|was killed by \w+); stopping router",
+                      proc.output)
+    assert ended is not None and ended.group(2) != "0", proc.output
     assert wait_no_processes(proc.mark) == []
 
 

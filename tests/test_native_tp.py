@@ -5,6 +5,7 @@ get_slice), dummy weights (drawn whole, then sliced) and a full model sharded af
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,7 @@ def run_steps(model, config) -> list[torch.Tensor]:
 
 def tp_worker(rank: int, root: str, backend: str) -> None:
     torch.set_num_threads(1)
+    os.environ["SHARD_ONE_SHOT_ALLREDUCE"] = "1"  # opt-in path, checked below on CUDA
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else CPU
     if backend == "nccl":
         torch.cuda.set_device(device)
@@ -90,9 +92,29 @@ def tp_worker(rank: int, root: str, backend: str) -> None:
         full, config = load_model(folder, dtype=torch.float32, device=device, tp=TPGroup.single())
         apply_tensor_parallel(full, tp)
         results["sharded-after-load"] = run_steps(full, config)
+        if backend == "nccl":  # the one-shot all-reduce (symmetric memory), eager and graph-captured
+            assert full.tp_reduce.enable_one_shot(device, torch.float32)
+            results["one-shot"] = run_steps(full, config)
+            results["one-shot-graph"] = one_shot_graph_replays(full.tp_reduce, rank, device)
         torch.save(results, f"{root}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def one_shot_graph_replays(reduce, rank: int, device: torch.device) -> list[torch.Tensor]:
+    """Captures one in-place reduce of a (4, 96) tensor in a CUDA graph and replays it on new
+    values: rank r holds (r + 1) * v, so every rank must read 3 * v (two ranks)."""
+    x = torch.zeros(4, 96, device=device)
+    reduce(x)  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        reduce(x)
+    out = []
+    for v in (1.0, 2.5):
+        x.fill_((rank + 1) * v)
+        graph.replay()
+        out.append(x.cpu().clone())
+    return out
 
 
 def make_cases_cached(root: Path) -> dict[str, tuple[str, str]]:
@@ -111,6 +133,9 @@ def check_tp2_matches_tp1(root: Path, backend: str) -> None:
         )
         expected[name] = run_steps(model, config)
     expected["sharded-after-load"] = expected["safetensors"]
+    if backend == "nccl":
+        expected["one-shot"] = expected["safetensors"]
+        expected["one-shot-graph"] = [torch.full((4, 96), 3.0 * v) for v in (1.0, 2.5)]
 
     mp.spawn(tp_worker, args=(str(root), backend), nprocs=WORLD, join=True)
 

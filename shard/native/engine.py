@@ -137,6 +137,9 @@ class NativeEngine(DecodeSteps):
             attention=attention,
             seed=config.seed,
         )
+        tp_reduce = getattr(model, "tp_reduce", None)
+        if tp_reduce is not None and device.type == "cuda":
+            tp_reduce.enable_one_shot(device, dtype)  # collective over the TP group; opt-in (see module)
         options = RuntimeOptions(
             model_id=config.model_id,
             block_size=config.block_size,

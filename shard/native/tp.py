@@ -25,6 +25,7 @@ from torch import nn
 
 from shard.engine.base import EngineConfigError
 from shard.native.config import ModelConfig
+from shard.native.fast_allreduce import RowParallelReduce
 
 if TYPE_CHECKING:
     from shard.native.model import LlamaForCausalLM
@@ -136,6 +137,10 @@ def apply_tensor_parallel(model: LlamaForCausalLM, tp: TPGroup) -> None:
     check_tensor_parallel(config, tp)
     if tp.size == 1:
         return
+    # One reducer for the model: the engine may switch small messages to the one-shot path
+    # (model.tp_reduce.enable_one_shot) once the device and dtype are known.
+    reduce = RowParallelReduce(tp.group)
+    model.tp_reduce = reduce
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv_sizes = [config.q_size, config.kv_size, config.kv_size]
@@ -156,18 +161,17 @@ def apply_tensor_parallel(model: LlamaForCausalLM, tp: TPGroup) -> None:
         mlp.intermediate_size = f1 - f0
         for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
             linear.out_features, linear.in_features = linear.weight.shape
-        attn.o_proj.register_forward_hook(_all_reduce_hook(tp))
-        mlp.down_proj.register_forward_hook(_all_reduce_hook(tp))
+        attn.o_proj.register_forward_hook(_all_reduce_hook(reduce))
+        mlp.down_proj.register_forward_hook(_all_reduce_hook(reduce))
     # Untie: the head becomes a vocab slice while the embedding stays whole.
     _shard_param(model.lm_head, "weight", ShardSpec(dim=0), tp, None)
     model.lm_head.out_features = model.lm_head.weight.shape[0]
     model.lm_head.register_forward_hook(_all_gather_hook(tp, config.vocab_size))
 
 
-def _all_reduce_hook(tp: TPGroup):
+def _all_reduce_hook(reduce: RowParallelReduce):
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(output, group=tp.group)  # partial sums of the row-parallel matmul
-        return output
+        return reduce(output)  # partial sums of the row-parallel matmul
 
     return hook
 
