@@ -15,6 +15,13 @@ def engine_parts(config, dist) -> dict[str, Any]:
     from shard.native.tp import TPGroup
 
     device = dist.device
+    if device.type == "cuda":
+        import torch
+
+        # This runs on the engine thread (shard/server.py engine_thread), and CUDA's current
+        # device is per thread: whatever uses the current device instead of a tensor's (the
+        # symmetric-memory rendezvous, kernels launched at warmup) must see this rank's GPU.
+        torch.cuda.set_device(device)
     dtype = resolve_dtype(config.dtype, device)
     tp = TPGroup(rank=dist.tp_rank, size=dist.tp_size, group=dist.tp_group)
     pp = PPStage(
