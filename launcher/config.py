@@ -59,7 +59,9 @@ class LauncherConfig:
         0.3, "waiting/running ratio at which queued requests join the running batch"
     )
     max_waiting_tokens: int = _opt(20, "decode steps after which queued requests join the batch anyway")
-    max_decode_steps: int = _opt(4, "decode steps per router->shard call while no waiting request could join")
+    max_decode_steps: int = _opt(
+        4, "decode steps per router->shard call while nobody waits or the batch is within 1/8 of --max-batch-size"
+    )
     max_client_batch_size: int = _opt(4, "inputs one client request may carry")
     payload_limit: int = _opt(2_000_000, "HTTP body limit in bytes")
     api_key: str = _opt(

@@ -30,7 +30,7 @@ class RouterConfig:
     max_client_batch_size: int = 4
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
-    max_decode_steps: int = 4  # decode steps per RPC while no waiting request could join (1 = per-token RPCs)
+    max_decode_steps: int = 4  # decode steps per RPC while no waiting request needs to join at once (1 = per-token RPCs)
     payload_limit: int = 2_000_000
     api_key: str = ""
     prefix_caching: bool = True
