@@ -334,6 +334,50 @@ def test_silu_mul_equals_eager(dtype: torch.dtype, cols: int) -> None:
     assert rel_err(got, want.float()) < 2e-3
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 9, 16])
+@pytest.mark.parametrize("n,k", [(96, 512), (200, 4096 + 64)] if ON_GPU else [(40, 96)], ids=str)
+def test_skinny_matmul_equals_float32_matmul(dtype: torch.dtype, m: int, n: int, k: int) -> None:
+    """Every launch form (tensor-core dot; multiply-sum up to 4 rows), uneven N and K tails, and the
+    default config, against x @ w.T in float32; the output also lands in a caller's buffer."""
+    from shard.native.kernels.skinny import SkinnyConfig, pick_config, skinny_matmul
+
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn((m, k), generator=gen).to(dtype).to(DEVICE)
+    w = (0.05 * torch.randn((n, k), generator=gen)).to(dtype).to(DEVICE)
+    want = x.float() @ w.float().T
+    forms = [pick_config(m, n, k), SkinnyConfig(block_n=16, block_k=64, use_dot=True)]
+    if m <= 4:
+        forms.append(SkinnyConfig(block_n=8, block_k=64, num_warps=2, use_dot=False))
+    for cfg in forms:
+        got = skinny_matmul(x, w, config=cfg)
+        assert got.shape == (m, n) and got.dtype == dtype
+        assert rel_err(got, want) < 5e-3, cfg
+    buf = torch.zeros((m, n), dtype=dtype, device=DEVICE)
+    assert skinny_matmul(x, w, out=buf) is buf and rel_err(buf, want) < 5e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (5, 4096 * 3 + 1), (2, 100)] if ON_GPU else [(3, 5000)])
+def test_greedy_pick_equals_argmax_and_log_softmax(rows: int, vocab: int) -> None:
+    """Token = torch.argmax (the first index on ties, also across chunk borders), logprob =
+    log_softmax at it; rows of very different scales."""
+    from shard.native.kernels.greedy import BLOCK, greedy_pick
+
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn((rows, vocab), generator=gen) * torch.tensor([3.0, 30.0, 0.1, 1.0, 8.0])[:rows, None]
+    x[0, [vocab // 2, 7]] = 1e3  # a tie: index 7 must win
+    if vocab > BLOCK:
+        x[-1, [BLOCK - 1, BLOCK]] = 500.0  # a tie across two chunks
+    x = x.to(DEVICE)
+    tokens, logprobs = greedy_pick(x)
+    want = x.argmax(dim=-1)
+    assert tokens.dtype == torch.int64 and torch.equal(tokens, want)
+    ref = x.double().log_softmax(dim=-1).gather(1, want[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def _rope_tables(d: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     ang = torch.arange(max_pos).float()[:, None] * inv[None, :]
@@ -517,6 +561,9 @@ def test_default_batch_sizes_and_pick_bucket() -> None:
     assert cg.default_batch_sizes(1) == [1]
     assert cg.default_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert cg.default_batch_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    big = cg.default_batch_sizes(512)
+    assert big[:3] == [1, 2, 4] and big[-10:] == [248, 256, 288, 320, 352, 384, 416, 448, 480, 512]
+    assert len(big) == 3 + 32 + 8 and cg.default_batch_sizes(300)[-3:] == [256, 288, 300]
     sizes = cg.default_batch_sizes(32)
     assert [cg.pick_bucket(sizes, n) for n in (1, 3, 5, 17, 32, 33)] == [1, 4, 8, 24, 32, None]
 

@@ -13,6 +13,7 @@ Hugging Face tensors make up each parameter, in concatenation order (dim 0).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ from shard.native.config import ModelConfig
 from shard.native.forward import AttentionMetadata, ForwardBatch
 from shard.native.kv_cache import KVCache
 
+# Rows up to which Linear uses the skinny kernel (<= shard/native/kernels/skinny.py MAX_ROWS):
+# SHARD_SKINNY_MAX_ROWS, 0 = cuBLAS always
+SKINNY_MAX_ROWS = min(int(os.environ.get("SHARD_SKINNY_MAX_ROWS", "16")), 16)
+
 # fused parameter -> the Hugging Face projections concatenated (dim 0) into it, in order
 PACKED_MODULES: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -35,6 +40,9 @@ PACKED_MODULES: dict[str, tuple[str, ...]] = {
 class Linear(nn.Linear):
     # oneDNN-packed weight (CPU, float32; cpu_linear.pack_linears), used instead of `weight` once set
     packed: torch.Tensor | None = None
+    # CUDA bf16/fp16: inputs of at most skinny.MAX_ROWS rows (decode) go through the Triton
+    # weight-streaming kernel (enable_fused_kernels; SHARD_SKINNY_MAX_ROWS=0 keeps cuBLAS)
+    skinny: bool = False
 
     def reset_parameters(self) -> None:
         """No init: the loader fills every weight (and torch's init costs seconds of lazy imports)."""
@@ -44,6 +52,10 @@ class Linear(nn.Linear):
             from shard.native.cpu_linear import packed_linear
 
             return packed_linear(x, self.packed, self.bias)
+        if self.skinny and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.stride(-1) == 1:
+            from shard.native.kernels.skinny import skinny_matmul
+
+            return skinny_matmul(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -285,9 +297,15 @@ class LlamaForCausalLM(nn.Module):
         """CUDA only: Triton RMSNorm (+ residual add) and in-place rotary instead of eager chains of
         small kernels (a decode step at batch 1 spent ~2 ms of ~8 in them on an H100)."""
         self.fused_rope = True
+        skinny = SKINNY_MAX_ROWS > 0
         for module in self.modules():
             if isinstance(module, (RMSNorm, DecoderLayer, MLP)):
                 module.fused = True
+            if skinny and isinstance(module, Linear):
+                w = module.weight
+                module.skinny = (
+                    module.bias is None and w.dtype in (torch.bfloat16, torch.float16) and w.is_contiguous()
+                )
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         for layer in self.layers:

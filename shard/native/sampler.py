@@ -13,6 +13,7 @@ the sampled set keep finite logprobs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -162,6 +163,11 @@ class Sampler:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self._fused_greedy = False
+        if self.device.type == "cuda" and os.environ.get("SHARD_FUSED_GREEDY", "1") != "0":
+            from shard.native.kernels import triton_available
+
+            self._fused_greedy = triton_available()
 
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, V) logits -> (scaled (B, V), filtered (S, V) or None when every row is greedy).
@@ -188,6 +194,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         scaled, filtered = self.process(logits, batch)
+        n = batch.max_top_n
+        if filtered is None and not n and self._fused_greedy:
+            # every row greedy, no top-n: token and logprob in one pass (kernels/greedy.py)
+            from shard.native.kernels.greedy import greedy_pick
+
+            token_ids, logprobs = greedy_pick(scaled.contiguous())
+            return SampleOutput(
+                token_ids=token_ids,
+                logprobs=logprobs,
+                top_ids=torch.empty(batch.size, 0, dtype=torch.int64, device=scaled.device),
+                top_logprobs=torch.empty(batch.size, 0, dtype=torch.float32, device=scaled.device),
+                top_n=batch.top_n,
+            )
         if filtered is None:  # greedy fast path: argmax, no sort, no RNG
             token_ids = scaled.argmax(dim=-1)
         else:
@@ -199,7 +218,6 @@ class Sampler:
         # log_softmax at a few ids without materializing (B, V) log-probs.
         lse = scaled.logsumexp(dim=-1, keepdim=True)  # (B, 1)
         logprobs = (scaled.gather(1, token_ids[:, None]) - lse).squeeze(1)
-        n = batch.max_top_n
         if n:
             top = scaled.topk(min(n, self.vocab_size), dim=-1)  # sorted, best first
             top_ids, top_logprobs = top.indices, top.values - lse

@@ -418,3 +418,99 @@ def silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, n_cols, BLOCK: tl.cons
     g = gate.to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def skinny_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """out (M, N) = x (M, K) @ w (N, K)^T for a few rows of x: the weight-streaming matmul of decode.
+
+    One program per BLOCK_N output columns reads its (BLOCK_N, K) slab of w exactly once, tile by
+    tile (w is read evict-first: every byte of it is used once per step, so it should not push
+    x and the KV cache out of L2). USE_DOT: tensor-core dot on BLOCK_M (>= 16) padded rows;
+    otherwise a broadcast multiply-and-sum over (BLOCK_M, BLOCK_N, BLOCK_K), for BLOCK_M <= 4.
+    Accumulates in float32; rows m >= M and columns n >= N are masked."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
+        else:
+            mask_k = (k0 + offs_k) < K
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(
+                w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_first"
+            )
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            # partial products stay per k lane; one cross-lane reduction at the end
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def greedy_partial_kernel(
+    x_ptr, stride_xb, V, part_max_ptr, part_idx_ptr, part_sum_ptr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Program (row b, chunk s) of float32 logits: the chunk's max, the first index holding it, and
+    sum(exp(x - max)) over the chunk (masked tail lanes read -inf and add 0)."""
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    offs = s * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + b.to(tl.int64) * stride_xb + offs, mask=offs < V, other=float("-inf"))
+    m = tl.max(x, axis=0)
+    i = tl.argmax(x, axis=0, tie_break_left=True)
+    total = tl.sum(tl.exp(x - m), axis=0)
+    tl.store(part_max_ptr + b * NSPLIT + s, m)
+    tl.store(part_idx_ptr + b * NSPLIT + s, s * BLOCK + i)
+    tl.store(part_sum_ptr + b * NSPLIT + s, total)
+
+
+@triton.jit
+def greedy_combine_kernel(
+    part_max_ptr, part_idx_ptr, part_sum_ptr, token_ptr, logprob_ptr, NSPLIT: tl.constexpr, NSPLIT_PAD: tl.constexpr
+):
+    """Row b: token = the first index of the row's max (chunks are in index order, each holding its
+    own first), logprob of it = max - logsumexp = -log(sum over chunks of sum_s * exp(max_s - max))."""
+    b = tl.program_id(0)
+    offs = tl.arange(0, NSPLIT_PAD)
+    mask = offs < NSPLIT
+    m = tl.load(part_max_ptr + b * NSPLIT + offs, mask=mask, other=float("-inf"))
+    idx = tl.load(part_idx_ptr + b * NSPLIT + offs, mask=mask, other=2147483647)
+    sums = tl.load(part_sum_ptr + b * NSPLIT + offs, mask=mask, other=0.0)
+    top = tl.max(m, axis=0)
+    token = tl.min(tl.where(m == top, idx, 2147483647), axis=0)
+    scaled = tl.where(m == float("-inf"), 0.0, sums * tl.exp(m - top))
+    tl.store(token_ptr + b, token.to(tl.int64))
+    tl.store(logprob_ptr + b, -tl.log(tl.sum(scaled, axis=0)))
