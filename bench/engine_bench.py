@@ -133,8 +133,10 @@ async def run_once(
         step_fwd_s += [resp.timings.forward_ns / 1e9 / steps] * steps
         short_steps += len(requests) * steps - len(resp.generations)
         done += steps
+    wave_s = time.perf_counter() - t0  # prompts in -> last token out: what one HTTP wave of them costs
     await client.call("FilterBatch", pb.FilterBatchRequest(remove_ids=[r.id for r in requests]))
     return {
+        "wave_s": wave_s,
         "prefill_s": prefill_s,
         "prefill_forward_s": prefill_fwd / 1e9,
         "step_s": step_s,
@@ -159,7 +161,7 @@ async def bench_batch(
     rng: random.Random,
 ) -> dict[str, Any]:
     blocks_per_req = math.ceil((input_len + decode_steps + 2) / block_size)
-    prefill, prefill_fwd, steps, steps_fwd, missing = [], [], [], [], 0
+    prefill, prefill_fwd, steps, steps_fwd, waves, missing = [], [], [], [], [], 0
     for run in range(warmup_runs + runs):
         warm = run < warmup_runs
         reqs = make_requests(
@@ -182,6 +184,7 @@ async def bench_batch(
         if warm:
             continue
         prefill.append(r["prefill_s"])
+        waves.append(r["wave_s"])
         prefill_fwd.append(r["prefill_forward_s"])
         steps += r["step_s"]
         steps_fwd += r["step_forward_s"]
@@ -198,6 +201,11 @@ async def bench_batch(
         "decode_step_ms": step,
         "decode_step_forward_ms": summarize(steps_fwd, scale=1e3),
         "decode_tok_s": batch / (step["p50"] / 1e3),
+        # The whole run as one wave: `batch` prompts in at once, decode_steps + 1 tokens out of each
+        # (Prefill gives the first). The engine-only side of "HTTP vs engine at the same load":
+        # serve_bench with the same prompts all at once and max_new_tokens = decode_steps + 1.
+        "wave_ms": summarize(waves, scale=1e3),
+        "wave_tok_s": batch * (decode_steps + 1) / percentile(waves, 50),
         "missing_generations": missing,  # > 0: requests ended early (they should not: ignore_eos)
     }
 
@@ -330,9 +338,11 @@ def find_mpiexec() -> list[str]:
 
 
 @contextlib.contextmanager
-def launched_shards(*, num_shard: int, shard_args: Sequence[str], timeout: float = 900.0) -> Iterator[str]:
+def launched_shards(
+    *, num_shard: int, shard_args: Sequence[str], timeout: float = 900.0, keep_log: str = ""
+) -> Iterator[str]:
     """Starts `mpiexec -n num_shard python -m shard ...`, yields rank 0's url once it answers Health,
-    and stops the world (SIGTERM, then SIGKILL) on exit."""
+    and stops the world (SIGTERM, then SIGKILL) on exit; keep_log: copy the ranks' log there."""
     tmp = Path(tempfile.mkdtemp(prefix="eb-"))
     log_path = tmp / "shards.log"
     cmd = [
@@ -372,6 +382,8 @@ def launched_shards(*, num_shard: int, shard_args: Sequence[str], timeout: float
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if keep_log:
+            shutil.copyfile(log_path, keep_log)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -393,6 +405,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--shard-url", default="unix:///tmp/tgi-trtllm-shard-0", help="rank 0 of a running shard world"
     )
     p.add_argument("--launch", action="store_true", help="start the shard world (mpiexec) for this run")
+    p.add_argument("--shard-log", default="", help="with --launch: keep the ranks' log in this file")
     p.add_argument("--model-id", default="llama-3.1-8b", help="with --launch: the shard's --model-id")
     p.add_argument("--num-shard", type=int, default=1, help="with --launch: ranks (tensor parallel)")
     p.add_argument(
@@ -427,7 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = args.shard_url
         if args.launch:
             shard_args = ["--model-id", args.model_id, *shlex.split(args.shard_args)]
-            url = stack.enter_context(launched_shards(num_shard=args.num_shard, shard_args=shard_args))
+            url = stack.enter_context(
+                launched_shards(num_shard=args.num_shard, shard_args=shard_args, keep_log=args.shard_log)
+            )
         facts = machine_facts()
         out = args.out or str(results_path("engine", facts))
 

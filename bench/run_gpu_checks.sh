@@ -9,9 +9,16 @@
 #   tests  kernels, engine vs transformers, TP NCCL logits, and the whole stack vs transformers at
 #          TP=1/2/4 and PP=2 (tests/test_gpu_stack.py; needs TOKENIZER)
 #   router  the router's own limit on this host's CPU (bench/router_bench.py, counting test engine)
+#   equal   HTTP vs engine at the same load: one wave of B prompts (128 in, 128 out) through HTTP
+#           (serve_bench, all at once) and over gRPC (engine_bench, the same prefill chunks, 127 decode
+#           steps at the router's 4 per call), B = 1, 64, 256; prints HTTP tok/s / engine tok/s
+#   oneshot TP=2 with the one-shot all-reduce (SHARD_ONE_SHOT_ALLREDUCE=1): engine bench beside
+#           NCCL's and TP=1 on the same host, then the TP stack and unit tests with it on; a run
+#           still going after 170 s gets SIGUSR1 (every rank prints its Python stacks) first
 #   maxload max-load HTTP serving, TP=1, --max-batch-size 256: 128/128 with 1,024 prompts at once
 #           (first from the checkout in BASE, if set, for a same-machine baseline), then 2048/128 and
-#           1000/1000 (MAXLOAD_MORE=0 skips those)
+#           1000/1000 (MAXLOAD_MORE=0 skips those; MAXLOAD_BATCH=512 raises the cap; with
+#           MAXLOAD_BATCH2 set, 128/128 runs once more at that cap, name "cap<N>")
 #
 #   bench/run_gpu_checks.sh            # STAGES="bench profile serve tests" (default), OUT=results folder
 set -uo pipefail
@@ -57,12 +64,35 @@ if has router; then
   echo "=== router"
   timeout -k 30 200 $PY -m bench.router_bench --tokenizer "$TOKENIZER" --concurrency 256,1024 --out "$OUT/router.json" 2>&1 | tail -n 5
 fi
+if has oneshot && [ "$GPUS" -ge 2 ]; then
+  echo "=== oneshot"
+  engine tp1-same-host 1 4
+  engine tp2-nccl 2 4
+  echo "=== engine tp2-oneshot (full log: $OUT/engine-tp2-oneshot.log)"
+  SHARD_ONE_SHOT_ALLREDUCE=1 timeout -k 30 230 $PY -m bench.engine_bench --launch --model-id llama-3.1-8b \
+    --num-shard 2 --shard-args "--load-format dummy --dtype bfloat16" --batch-sizes 1,64 --input-len 128 \
+    --decode-steps 64 --prefill-lens 1024 --runs 2 --steps-per-call 4 --out "$OUT/engine-tp2-oneshot.json" \
+    --shard-log "$OUT/shards-tp2-oneshot.log" \
+    > "$OUT/engine-tp2-oneshot.log" 2>&1 &
+  bench_pid=$!
+  for _ in $(seq 170); do kill -0 $bench_pid 2>/dev/null || break; sleep 1; done
+  if kill -0 $bench_pid 2>/dev/null; then
+    echo "still running after 170 s: stacks to the log"
+    pkill -USR1 -f "python3? -m shard" ; sleep 5
+  fi
+  wait $bench_pid
+  grep -v '^\[shard\|^INFO\|^WARNING' "$OUT/engine-tp2-oneshot.log" | tail -n 6
+  grep -i "one-shot" "$OUT/shards-tp2-oneshot.log" | head -n 4
+  $PY -m bench.allreduce_bench --out "$OUT/allreduce.json" 2>&1 | tail -n 8
+  SHARD_ONE_SHOT_ALLREDUCE=1 timeout -k 30 200 $PY -m pytest -q -p no:cacheprovider \
+    "tests/test_native_tp.py::test_tp2_nccl_matches_tp1_cuda" "tests/test_gpu_stack.py::test_stack_greedy_equals_transformers[2-1]" -rs 2>&1 | tee "$OUT/tests-oneshot.log" | tail -n 6
+fi
 if has maxload; then
   echo "=== maxload"
   TOK=$(realpath "$TOKENIZER") OUTABS=$(realpath -m "$OUT")
   ML="--model-id shard/native/configs/llama-3.1-8b.json --load-format dummy --dtype bfloat16 --tokenizer-name $TOK"
   ML+=" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192"
-  ML+=" --max-concurrent-requests 1024 --max-batch-size 256"
+  ML+=" --max-concurrent-requests 1024 --max-batch-size ${MAXLOAD_BATCH:-256}"
   maxload() {  # maxload DIR NAME PLAN...
     local dir=$1 name=$2
     shift 2
@@ -72,7 +102,25 @@ if has maxload; then
   }
   [ -n "${BASE:-}" ] && maxload "$BASE" baseline "128/128|inf|1024"
   maxload . new "128/128|inf|1024"
+  if [ -n "${MAXLOAD_BATCH2:-}" ]; then
+    ML=${ML/--max-batch-size ${MAXLOAD_BATCH:-256}/--max-batch-size $MAXLOAD_BATCH2}
+    maxload . "cap$MAXLOAD_BATCH2" "128/128|inf|1024"
+  fi
   [ "${MAXLOAD_MORE:-1}" = 1 ] && maxload . more "2048/128|inf|256" "1000/1000|inf|384"
+fi
+if has equal; then
+  echo "=== equal"
+  timeout -k 30 200 $PY -m bench.engine_bench --launch --model-id llama-3.1-8b --num-shard 1 \
+    --shard-args "--load-format dummy --dtype bfloat16" --batch-sizes 1,64,256 --input-len 128 \
+    --decode-steps 127 --prefill-lens "" --runs 2 --steps-per-call 4 --out "$OUT/equal-engine.json" 2>&1 \
+    | grep -v '^\[shard\|^INFO\|^WARNING' | tail -n 4
+  EQ="--model-id shard/native/configs/llama-3.1-8b.json --load-format dummy --dtype bfloat16 --tokenizer-name $TOKENIZER"
+  EQ+=" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192 --max-batch-size 256"
+  EQ+=" --max-concurrent-requests 1024"
+  timeout -k 30 250 $PY -m bench.serve_bench --launch="$EQ" --tokenizer "$TOKENIZER" --warmup-requests 4 \
+    --plan "128/128|1|3" "128/128|inf|64" "128/128|inf|256" --out "$OUT/equal-http.json" 2>&1 \
+    | grep -v '^\[shard\|^INFO\|^WARNING\|^\[router\|^\[launcher' | tail -n 5
+  $PY -m bench.equal_load "$OUT/equal-engine.json" "$OUT/equal-http.json" | tee "$OUT/equal.txt"
 fi
 if has tests; then
   echo "=== tests"

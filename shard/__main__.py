@@ -7,7 +7,9 @@ Exit status: 0 after a graceful stop (SIGTERM/SIGINT), 2 for a configuration the
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +35,9 @@ def setup_logging(rank: int, level: str) -> None:
 def run(config: ShardConfig) -> int:
     rank, world_size = mpi_rank_and_size()
     setup_logging(rank, config.log_level)
+    # `kill -USR1 <pid>` prints every thread's Python stack to stderr: where a stuck rank waits
+    # (a collective, a GPU sync) without stopping it
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     started = time.monotonic()
     try:
         log.info("starting rank %d/%d: engine %s, model %s", rank, world_size, config.engine, config.model_id)

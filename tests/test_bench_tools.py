@@ -201,6 +201,33 @@ def test_stream_one_reads_tgi_sse_events():
     assert rec.start < rec.chunk_times[0] <= rec.chunk_times[-1] <= rec.end
 
 
+def test_equal_load_pairs_engine_waves_with_http_levels():
+    from bench.equal_load import pair
+
+    engine = {
+        "batches": [
+            {"batch": 1, "input_len": 128, "decode_steps": 127, "wave_tok_s": 150.0},
+            {"batch": 64, "input_len": 128, "decode_steps": 127, "wave_tok_s": 8000.0},
+            {"batch": 256, "input_len": 128, "decode_steps": 63, "wave_tok_s": 9000.0},  # other length
+        ]
+    }
+    level = {"exact_output_fraction": 1.0, "failed": 0}
+    http = {
+        "levels": [
+            {**level, "preset": "128/128", "concurrency": 1, "requests": 3, "output_throughput": 140.0},
+            {**level, "preset": "128/128", "concurrency": "inf", "requests": 64, "output_throughput": 7600.0},
+            {**level, "preset": "128/128", "concurrency": "inf", "requests": 256, "output_throughput": 9.0},
+            {**level, "preset": "128/128", "concurrency": 16, "requests": 32, "output_throughput": 1.0},
+            {**level, "preset": "128/128", "concurrency": "inf", "requests": 64, "failed": 3, "output_throughput": 1.0},
+        ]
+    }
+    rows = pair(engine, http)
+    assert [(r["batch"], r["http_over_engine"]) for r in rows] == [
+        (1, pytest.approx(140 / 150)),
+        (64, pytest.approx(0.95)),
+    ]
+
+
 @pytest.mark.slow
 def test_engine_bench_against_a_real_shard(tmp_path):
     from bench.engine_bench import main
@@ -219,6 +246,9 @@ def test_engine_bench_against_a_real_shard(tmp_path):
         assert b["missing_generations"] == 0
         assert b["decode_step_ms"]["n"] == 6  # 4 + 2 steps in two Decode calls
         assert b["decode_tok_s"] == pytest.approx(b["batch"] / (b["decode_step_ms"]["p50"] / 1e3))
+        # the wave spans the prefill and every step: 7 tokens out of each request
+        assert b["wave_ms"]["p50"] > b["prefill_ms"]["p50"]
+        assert b["wave_tok_s"] == pytest.approx(b["batch"] * 7 / (b["wave_ms"]["p50"] / 1e3))
     assert data["prefill"][0]["input_len"] == 32 and data["prefill"][0]["prefill_ms"]["n"] == 1
 
 

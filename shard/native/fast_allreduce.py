@@ -12,10 +12,14 @@ Set-up is collective: every rank of the group builds it, checks one all-reduce a
 must give, and all agree (a MIN over the group) before it is used, so a rank where it failed
 cannot leave the others waiting in a one-shot kernel.
 
-EXPERIMENTAL, OFF unless SHARD_ONE_SHOT_ALLREDUCE=1. On 2 H100s it gives the right sums, eager and
-replayed from a CUDA graph (tests/test_native_tp.py), but a real shard world (mpiexec, bf16
-Llama-3.1-8B shapes) with it on hung before serving, and there was no device time left to find
-where. Until that is understood, NCCL does every all-reduce.
+OFF unless SHARD_ONE_SHOT_ALLREDUCE=1, because it does not pay in the engine. It used to hang a
+real shard world at start: the engine is built on the engine thread, whose current CUDA device was
+GPU 0 on every rank (CUDA's current device is per thread); factory.py now selects the rank's GPU
+there first, and a two-rank shard with it on serves and matches transformers (fourth session,
+bench/results/gpu-h100-20261126-skinny/engine-x2-oneshot/). Measured on 2 H100s: alone, 64
+graph-replayed all-reduces of 8 KiB take 9.0 us each against NCCL's 13.1 (bench/allreduce_bench.py);
+in the engine's decode step at batch 1 it is no faster (250.2 vs 254.4 tok/s, 244.9 vs 248.4 in
+another call). Why the isolated gain does not reach the step is not yet understood.
 """
 
 from __future__ import annotations
