@@ -83,6 +83,8 @@ def error_boundary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitab
         except Exception as e:
             log.exception("%s failed with an unexpected error", method.__name__)
             await self.check_engine_health()
+            if self.world_size > 1:
+                self.end_world_soon(f"{method.__name__} failed on this rank: {type(e).__name__}: {e}")
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         raise AssertionError("unreachable: context.abort raises")
 
@@ -100,6 +102,12 @@ def engine_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
 
+def _hard_exit(status: int) -> None:
+    """Exit now, without waiting for the engine thread (it may be stuck); logs flushed first."""
+    logging.shutdown()
+    os._exit(status)
+
+
 class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
     def __init__(self, engine: Engine, urls: Sequence[str], worker: ThreadPoolExecutor | None = None) -> None:
         self._engine = engine
@@ -108,6 +116,18 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
         self._worker = worker or engine_thread()
         self._healthy = True  # turns False for good once the engine says it can no longer serve
         self._in_flight = 0  # engine calls submitted and not finished (event-loop thread only)
+        self.world_size = 1  # ranks in the shard world (serve() sets it)
+        self._exit = _hard_exit  # tests replace it
+
+    def end_world_soon(self, why: str, delay_s: float = 1.0) -> None:
+        """Exits this rank (status 1) after `delay_s`, so the failed call's status still reaches
+        the router. In a world of several ranks an unexpected error can leave the others waiting
+        in a collective this rank will never join (seen: a CUDA out-of-memory on rank 0 of a TP=2
+        world; rank 1 waited in NCCL, and so did the router, for good). Only ending the world
+        frees them: mpiexec stops every rank when one exits non-zero, and the launcher then stops
+        the router, as TGI's launcher does when a shard dies."""
+        log.critical("ending the shard world: %s", why)
+        asyncio.get_running_loop().call_later(delay_s, self._exit, 1)
 
     async def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
         self._in_flight += 1
@@ -304,6 +324,7 @@ async def serve(
     address = config.listen_address(dist.rank)
     try:
         server = build_server(engine, [address], rank_urls(config, dist), worker)
+        server.servicer.world_size = dist.world_size
     except Exception:
         engine.shutdown()
         raise

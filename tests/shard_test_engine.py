@@ -9,8 +9,11 @@ Behaviour:
   it emits an EOS or stop id (unless ignore_eos_token), and then leaves the running set.
 - Block tables are checked like a paged engine: ceil((tokens + 1) / block_size) blocks at least.
 - `fail_next = SomeError(...)` makes the next engine call raise it; a non-EngineError also marks the
-  engine unhealthy (a broken device). In processes: TEST_ENGINE_FAIL=start (raise in create) or
-  prefill (the process exits with status 3 at the first Prefill), on TEST_ENGINE_FAIL_RANK (default: all).
+  engine unhealthy (a broken device). In processes: TEST_ENGINE_FAIL=start (raise in create),
+  prefill (the process exits with status 3 at the first Prefill) or prefill-error (the first Prefill
+  raises RuntimeError, like a CUDA out-of-memory), on TEST_ENGINE_FAIL_RANK (default: all);
+  TEST_ENGINE_HANG_RANK=r: rank r's first Prefill never returns (a rank left waiting in a
+  collective its peer never joined).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class CountingTestEngine:
     device_type: str = "cpu"
     world_sum: int = 1  # result of the start-up all_reduce (sum of rank + 1 over the world)
     crash_at_prefill: bool = False
+    error_at_prefill: bool = False
+    hang_at_prefill: bool = False
     # Set by create() (real shard processes): Info then reports the engine thread's torch threads
     # and whether calls run on the thread that built the engine (shard/server.py engine_thread).
     creator_thread: int | None = None
@@ -160,6 +165,11 @@ class CountingTestEngine:
         self._enter("prefill")
         if self.crash_at_prefill:
             os._exit(CRASH_EXIT_STATUS)  # a crashed rank: no cleanup, like a segfault
+        if self.error_at_prefill:
+            self.error_at_prefill = self.is_healthy = False
+            raise RuntimeError("Triton Error [CUDA]: out of memory (test double)")
+        if self.hang_at_prefill:
+            threading.Event().wait()  # forever
         ids = [r.id for r in requests]
         if len(set(ids)) != len(ids) or any(i in self.running for i in ids):
             raise InvalidRequestError(f"duplicate request id in {ids}")
@@ -249,5 +259,7 @@ def create(config: ShardConfig, dist: DistContext) -> CountingTestEngine:
         device_type=dist.device.type,
         world_sum=_world_sum(dist),
         crash_at_prefill=fail == "prefill" and fails_here,
+        error_at_prefill=fail == "prefill-error" and fails_here,
+        hang_at_prefill=os.environ.get("TEST_ENGINE_HANG_RANK", "") == str(dist.rank),
         creator_thread=threading.get_ident(),
     )

@@ -1,6 +1,7 @@
 """The whole stack on GPUs (launcher -> mpiexec ranks -> router over HTTP) gives transformers'
 greedy tokens, token for token, at TP=1, TP=2, TP=4 and PP=2: fp32 random weights of a small Llama
-(Llama 3 sized vocabulary, GQA, few layers), so ids of any real tokenizer are valid.
+(GQA, few layers, a 49k vocabulary: ids of the bench tokenizer are valid), and Llama-3.1-8B's shapes
+with 4 layers (dummy weights) at TP=1, TP=2 and PP=2.
 
 Skipped without enough CUDA GPUs (CI has none) or without a tokenizer folder: run on the device
 with the one `bench/run_gpu.sh` uses, `TOKENIZER=.bench-tokenizer python3 -m pytest tests/test_gpu_stack.py`.
@@ -8,6 +9,7 @@ with the one `bench/run_gpu.sh` uses, `TOKENIZER=.bench-tokenizer python3 -m pyt
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,13 +29,8 @@ pytestmark = [
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    # GQA (8 query heads, 4 KV heads): TP=4 gives every rank one KV head
-    config = tiny_config(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=1024)
-    folder = tmp_path_factory.mktemp("gpu-stack-model")
-    hf = save_hf_model(config, perturbed_state_dict(config, seed=11), folder).to("cuda")
+def expectations(hf, folder: Path, extra_args: list[str]):
+    """transformers' greedy tokens for three prompts, and a helper that explains a mismatch."""
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER))
@@ -55,23 +52,63 @@ def model(tmp_path_factory):
             logits = hf(torch.tensor([inputs[i] + want[i][:k]], device="cuda")).logits[0, -1].float()
         return f"token {k}: transformers' logit margin over ours {(logits[want[i][k]] - logits[ours[k]]).item():.3g}"
 
-    return folder, prompts, want, margin
+    return folder, extra_args, prompts, want, margin
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # GQA (8 query heads, 4 KV heads): TP=4 gives every rank one KV head
+    config = tiny_config(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=1024)
+    folder = tmp_path_factory.mktemp("gpu-stack-model")
+    hf = save_hf_model(config, perturbed_state_dict(config, seed=11), folder).to("cuda")
+    return expectations(hf, folder, [])
+
+
+@pytest.fixture(scope="module")
+def llama8b_4layers(tmp_path_factory):
+    """Llama-3.1-8B's shapes with 4 of its 32 layers: a folder with only config.json, served with
+    --load-format dummy; transformers gets the same dummy tensors (shard/native/loader.py draws
+    each from (seed, name) on the device, so every rank's slice comes from the same full tensor)."""
+    import transformers
+
+    from shard.native.config import ModelConfig
+    from shard.native.loader import dummy_state_dict
+
+    d = json.loads((REPO / "shard/native/configs/llama-3.1-8b.json").read_text())
+    d["num_hidden_layers"] = 4
+    folder = tmp_path_factory.mktemp("gpu-stack-8b")
+    (folder / "config.json").write_text(json.dumps(d))
+    mc = ModelConfig.from_hf_dict(d)
+    hf_config = transformers.AutoConfig.for_model(**mc.to_hf_dict())
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to("cuda").eval()
+    hf.load_state_dict(dummy_state_dict(mc, seed=0, dtype=torch.float32, device="cuda"), strict=False)
+    return expectations(hf, folder, ["--load-format", "dummy"])
 
 
 @pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 1), (4, 1), (1, 2)])
 def test_stack_greedy_equals_transformers(model, tp: int, pp: int) -> None:
+    check_stack(model, tp, pp)
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 1), (1, 2)])
+def test_stack_8b_shapes_greedy_equals_transformers(llama8b_4layers, tp: int, pp: int) -> None:
+    check_stack(llama8b_4layers, tp, pp)
+
+
+def check_stack(case, tp: int, pp: int) -> None:
     if GPUS < tp * pp:
         pytest.skip(f"needs {tp * pp} GPUs, has {GPUS}")
-    folder, prompts, want, margin = model
+    folder, extra_args, prompts, want, margin = case
     args = ["--model-id", str(folder), "--tokenizer-name", str(TOKENIZER), "--dtype", "float32",
             "--device", "cuda", "--num-shard", str(tp), "--pipeline-parallel-size", str(pp),
-            "--max-input-tokens", "512", "--max-total-tokens", "1024"]  # fmt: skip
+            "--max-input-tokens", "512", "--max-total-tokens", "1024", *extra_args]  # fmt: skip
     with running_stack(args, timeout=300) as stack:
         for i, (prompt, expect) in enumerate(zip(prompts, want, strict=True)):
             r = httpx.post(stack.base_url + "/generate", timeout=120, json={
                 "inputs": prompt,
                 "parameters": {"max_new_tokens": NEW_TOKENS, "details": True, "ignore_eos_token": True},
             })  # fmt: skip
-            assert r.status_code == 200, r.text
+            assert r.status_code == 200, f"{r.text}\n--- stack log ---\n{stack.log()[-5000:]}"
             ours = [t["id"] for t in r.json()["details"]["tokens"]]
             assert ours == expect, f"TP={tp} PP={pp} prompt {i}: {margin(i, ours)}"

@@ -256,6 +256,31 @@ def test_two_ranks_under_mpiexec_answer_and_stop_cleanly(workdir: Path, procs: l
     assert wait_no_processes(world.mark) == []
 
 
+def test_unexpected_error_on_one_rank_ends_the_world_instead_of_hanging(workdir: Path, procs: list[Proc]) -> None:
+    # Rank 0's Prefill fails (like a CUDA out-of-memory) while rank 1's never returns (waiting in a
+    # collective rank 0 left). Rank 0 answers INTERNAL and exits 1; mpiexec then stops rank 1, so
+    # nothing waits for good (before: rank 1 and the router's fan-out hung).
+    prefix = workdir / "sock" / "w"
+    argv = [MPIEXEC, "-n", "2", sys.executable, "-m", "shard", "--engine", "tests.shard_test_engine:create",
+            "--model-id", "m", "--uds-path", str(prefix)]  # fmt: skip
+    env = {"TEST_ENGINE_FAIL": "prefill-error", "TEST_ENGINE_FAIL_RANK": "0", "TEST_ENGINE_HANG_RANK": "1"}
+    world = Proc(argv, env=env, cwd=REPO)
+    procs.append(world)
+    urls = [f"unix://{prefix}-0", f"unix://{prefix}-1"]
+    for url in urls:
+        stub(url).Health(pb.HealthRequest(), wait_for_ready=True, timeout=60)
+    request = pb.Request(id=1, input_ids=[3, 4], stopping=pb.StoppingParameters(max_new_tokens=4), blocks=[0])
+    calls = [stub(url).Prefill.future(pb.PrefillRequest(requests=[request]), timeout=60) for url in urls]
+    with pytest.raises(grpc.RpcError) as failed:
+        calls[0].result()
+    assert failed.value.code() == grpc.StatusCode.INTERNAL and "out of memory" in failed.value.details()
+    with pytest.raises(grpc.RpcError):  # rank 1 is stopped in the middle of its call
+        calls[1].result()
+    assert world.wait(timeout=30) != 0, world.output
+    assert "ending the shard world: Prefill failed on this rank" in world.output
+    assert wait_no_processes(world.mark) == []
+
+
 # ---------------------------------------------------------------- the launcher
 
 

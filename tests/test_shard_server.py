@@ -12,6 +12,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -218,6 +219,23 @@ def test_unexpected_error_is_internal_and_then_health_is_unavailable(socket_dir:
         code, details = _code(stub.Decode, pb.DecodeRequest(max_steps=1))
         assert code == grpc.StatusCode.INTERNAL and details == "RuntimeError: CUDA error: device lost"
         assert _code(stub.Health, pb.HealthRequest())[0] == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_unexpected_error_ends_a_world_of_several_ranks(socket_dir: str, world_size: int) -> None:
+    # Several ranks: the others may wait in a collective this rank left, so the rank exits (status
+    # 1) after answering; alone, it stays up and reports UNAVAILABLE.
+    engine = CountingTestEngine()
+    url = f"unix://{socket_dir}/s-0"
+    exits: list[int] = []
+    with serving(engine, [url], [url]) as server:
+        server.servicer.world_size = world_size
+        server.servicer._exit = exits.append
+        engine.fail_next = RuntimeError("CUDA error: out of memory")
+        assert _code(stub_for(url).Prefill, pb.PrefillRequest())[0] == grpc.StatusCode.INTERNAL
+        assert exits == []  # the answer first
+        time.sleep(1.5)
+    assert exits == ([1] if world_size > 1 else [])
 
 
 def test_health_asks_an_idle_engine(socket_dir: str) -> None:

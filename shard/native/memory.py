@@ -58,6 +58,30 @@ def plan_kv_blocks(
     return int(fewest.item())
 
 
+def _load_serving_kernels(engine: NativeEngine, scratch, ids: list[int]) -> None:
+    """Runs the kernels serving uses that the warmup prefill did not, before free memory is
+    measured. A kernel's first launch loads its module and can reserve local memory; after the KV
+    cache has taken its share that failed with CUDA out-of-memory (fp32 Llama-3.1-8B shapes: the
+    paged prefill kernel, which the one-sequence warmup prefill does not launch). It also keeps
+    Triton's compile time out of the first request. Same calls on every rank (pipeline stages pass
+    hidden states inside the model)."""
+    from shard.native.batch import build_prefill
+
+    bs = engine.block_size
+    n = max(1, min(bs - 1, len(ids) // 2))
+    two = build_prefill(  # two sequences: the varlen paged prefill kernel
+        new_tokens=[ids[:n], ids[-n:]],
+        prefix_lens=[0, 0],
+        block_tables=[[0], [1]],
+        all_logits=[False, False],
+        block_size=bs,
+        device=engine.device,
+    )
+    logits = engine.model(two, scratch)
+    if engine.is_last_stage and logits is not None:
+        engine.sampler.warm_up(logits)
+
+
 @torch.inference_mode()
 def _plan_cuda(*, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, options: RuntimeOptions) -> int:
     from shard.native.batch import build_prefill
@@ -65,7 +89,7 @@ def _plan_cuda(*, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, 
 
     mc, bs = engine.mc, engine.block_size
     tokens = max(1, min(spec.max_batch_prefill_tokens, 32768))
-    scratch_blocks = math.ceil((tokens + 1) / bs)
+    scratch_blocks = max(2, math.ceil((tokens + 1) / bs))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(engine.device)
     scratch = KVCache.allocate(
@@ -89,6 +113,7 @@ def _plan_cuda(*, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, 
         device=engine.device,
     )
     engine.model(batch, scratch)
+    _load_serving_kernels(engine, scratch, ids)
     torch.cuda.synchronize(engine.device)
     peak = torch.cuda.max_memory_allocated(engine.device)
     del scratch, batch

@@ -192,6 +192,13 @@ class Sampler:
         )
         return scaled, filtered
 
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """Loads the greedy kernel (if used) on (B, V) float32 logits; the result is dropped."""
+        if self._fused_greedy:
+            from shard.native.kernels.greedy import greedy_pick
+
+            greedy_pick(logits.float().contiguous())
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         scaled, filtered = self.process(logits, batch)
         n = batch.max_top_n
