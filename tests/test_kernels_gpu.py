@@ -564,6 +564,11 @@ def test_default_batch_sizes_and_pick_bucket() -> None:
     big = cg.default_batch_sizes(512)
     assert big[:3] == [1, 2, 4] and big[-10:] == [248, 256, 288, 320, 352, 384, 416, 448, 480, 512]
     assert len(big) == 3 + 32 + 8 and cg.default_batch_sizes(300)[-3:] == [256, 288, 300]
+    # the float32 logits every captured bucket keeps, which the KV budget leaves room for
+    from shard.native.memory import graph_output_bytes
+
+    assert graph_output_bytes(20, 1000) == (1 + 2 + 4 + 8 + 16 + 20) * 1000 * 4
+    assert graph_output_bytes(0, 1000) == 0
     sizes = cg.default_batch_sizes(32)
     assert [cg.pick_bucket(sizes, n) for n in (1, 3, 5, 17, 32, 33)] == [1, 4, 8, 24, 32, None]
 

@@ -135,6 +135,7 @@ def test_stops_and_prompt_logprobs(models):
 def test_cpu_engine_sets_no_batch_limit_of_its_own(models):
     # On CUDA the limit is the largest CUDA-graph batch (MAX_GRAPH_BATCH); on CPU there is none.
     assert make_engine(models).info().max_batch_size == 0
+    assert make_engine(models).graph_max_batch(WarmupSpec(10, 20, 40, 8)) == 0  # no graphs, no memory kept
 
 
 def test_length_finish_and_filter(models):

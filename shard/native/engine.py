@@ -182,15 +182,20 @@ class NativeEngine(DecodeSteps):
             num_blocks=num_blocks, block_size=self.block_size, max_supported_total_tokens=num_blocks * self.block_size
         )
 
+    def graph_max_batch(self, spec: WarmupSpec) -> int:
+        """Largest decode batch captured at this Warmup (0: no graphs)."""
+        if not self._graphs_enabled():
+            return 0
+        return min(spec.max_batch_size or MAX_GRAPH_BATCH, MAX_GRAPH_BATCH)
+
     def _capture_graphs(self, spec: WarmupSpec, num_blocks: int) -> None:
         from shard.native.cuda_graphs import GraphedDecode
 
         assert self.kv is not None
         kv = self.kv
-        max_bs = spec.max_batch_size or MAX_GRAPH_BATCH
         self._graphs = GraphedDecode(
             lambda batch: self.model(batch, kv),
-            max_batch_size=min(max_bs, MAX_GRAPH_BATCH),
+            max_batch_size=self.graph_max_batch(spec),
             max_blocks_per_seq=math.ceil((spec.max_total_tokens + 1) / self.block_size),
             vocab_size=self.mc.vocab_size,
             device=self.device,

@@ -58,6 +58,18 @@ def plan_kv_blocks(
     return int(fewest.item())
 
 
+def graph_output_bytes(max_batch: int, vocab_size: int) -> int:
+    """Memory the captured decode graphs keep after the KV cache is allocated: every bucket's
+    float32 (bucket, vocab) logits stay alive as its output (cuda_graphs.GraphedDecode), e.g.
+    3.6 GiB for Llama-3.1-8B's vocabulary with buckets up to 512. Left out of the KV budget, it came
+    out of the headroom the fraction leaves."""
+    from shard.native.cuda_graphs import default_batch_sizes
+
+    if max_batch <= 0:
+        return 0
+    return sum(default_batch_sizes(max_batch)) * vocab_size * 4
+
+
 def _load_serving_kernels(engine: NativeEngine, scratch, ids: list[int]) -> None:
     """Runs the kernels serving uses that the warmup prefill did not, before free memory is
     measured. A kernel's first launch loads its module and can reserve local memory; after the KV
@@ -121,9 +133,11 @@ def _plan_cuda(*, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, 
     free, total = torch.cuda.mem_get_info(engine.device)
     in_use = torch.cuda.memory_allocated(engine.device)
     activation_headroom = max(0, peak - in_use)
-    budget = int((free - activation_headroom) * options.kv_cache_fraction)
+    graphs = graph_output_bytes(engine.graph_max_batch(spec), mc.vocab_size) if engine.is_last_stage else 0
+    budget = int((free - activation_headroom - graphs) * options.kv_cache_fraction)
     log.info(
-        "warmup prefill of %d tokens: peak %.2f GiB, free %.2f of %.2f GiB, KV budget %.2f GiB",
-        tokens, peak / 2**30, free / 2**30, total / 2**30, budget / 2**30,
+        "warmup prefill of %d tokens: peak %.2f GiB, free %.2f of %.2f GiB, decode graphs' logits %.2f GiB, "
+        "KV budget %.2f GiB",
+        tokens, peak / 2**30, free / 2**30, total / 2**30, graphs / 2**30, budget / 2**30,
     )
     return max(0, budget // bytes_per_block)
