@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import FastAPI
 
+from router import gc_policy
 from router.app import create_app
 from router.backend import Backend
 from router.config import parse_args
@@ -33,6 +34,8 @@ def build(argv: list[str] | None = None) -> tuple[FastAPI, Backend]:
                 # exit so the launcher (or compose) sees it and says why.
                 log.error("start-up failed, exiting: %s", t.exception())
                 os._exit(3)
+            if not t.cancelled():
+                gc_policy.tune_after_startup()  # this process only: not the tests' in-process apps
 
         task.add_done_callback(_on_done)
         yield

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.stack import running_stack
+from router import gc_policy
+from tests.stack import REPO, running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +84,23 @@ def test_curl_example_answers(stack_tp1, hf):
     resp = generate(stack_tp1.base_url, chat_prompt(tok, "What is the capital of France?"), 20)
     assert "Paris" in resp["generated_text"]
     assert resp["details"]["finish_reason"] in ("eos_token", "length")
+
+
+def test_router_process_freezes_its_startup_heap(stack_tp1):
+    # router/gc_policy.py: the served router (not in-process test apps) tunes its collector once
+    # start-up is done; the log line carries the frozen count and the raised thresholds.
+    m = re.search(r"gc: froze (\d+) start-up objects; thresholds \((\d+), ", stack_tp1.log())
+    assert m is not None, stack_tp1.log()[-3000:]
+    assert int(m.group(1)) > 10_000 and int(m.group(2)) == gc_policy.GEN0_THRESHOLD
+
+
+def test_gc_tuning_can_be_switched_off():
+    code = "import gc; from router import gc_policy as g; print(g.tune_after_startup(), gc.get_freeze_count(), gc.get_threshold()[0])"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ROUTER_GC_TUNING": "0"},
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+    assert out == ["False", "0", "700"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+    assert out[0] == "True" and int(out[1]) > 0 and int(out[2]) == gc_policy.GEN0_THRESHOLD
 
 
 def test_greedy_matches_transformers_tp1(stack_tp1, hf):
