@@ -78,6 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=64, help="the test double accepts at most 100")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-decode-steps", type=int, default=4)
+    p.add_argument("--num-blocks", type=int, default=0,
+                   help="KV blocks of the test double (default: every request fits); fewer makes the router preempt")
     p.add_argument("--launch", default="", help="more launcher flags")
     p.add_argument("--tokenizer", default="", help="tokenizer folder or .gguf (default: the embedded model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ordinary tokens of the real tokenizer (the double counts up from the prompt's last id),
         # and KV blocks for every request in flight.
         "TEST_ENGINE_VOCAB_SIZE": str(tok.vocab_size),
-        "TEST_ENGINE_NUM_BLOCKS": str(top * (args.input_len + args.output_len + 32)),
+        "TEST_ENGINE_NUM_BLOCKS": str(args.num_blocks or top * (args.input_len + args.output_len + 32)),
+        "TEST_ENGINE_MAX_TOTAL_TOKENS": str(max(200, args.input_len + args.output_len)),
     }
     launch = [
         "--engine", "tests.shard_test_engine:create",

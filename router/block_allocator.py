@@ -8,7 +8,10 @@ last reference is dropped.
 
 Eviction hook: a RadixCache registers its `evict` with `set_evictor` when it is built. When
 `allocate` finds too few free blocks it first asks the evictor to free the shortfall, then retries
-once; so the scheduler never calls `evict` itself.
+once; so the scheduler never calls `evict` itself. With the evictor comes `on_one_ref(block)`,
+called when a block's count drops to exactly 1: for a cached block that is the cache's own
+reference, so it may have just become evictable (the cache keeps its candidates incrementally
+instead of scanning every cached block per allocation).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class BlockAllocator:
         # FIFO: freed blocks go to the back, so a just-freed block is reused last.
         self._free: deque[int] = deque(range(num_blocks))
         self._evictor: Callable[[int], int] | None = None
+        self._on_one_ref: Callable[[int], None] | None = None
 
     @property
     def free_count(self) -> int:
@@ -46,11 +50,15 @@ class BlockAllocator:
     def used_count(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def set_evictor(self, evictor: Callable[[int], int] | None) -> None:
+    def set_evictor(
+        self, evictor: Callable[[int], int] | None, on_one_ref: Callable[[int], None] | None = None
+    ) -> None:
         """`evictor(n)` tries to free n blocks (by dropping its own references) and returns how many
-        it freed. At most one evictor; pass None to detach it."""
+        it freed; `on_one_ref(b)` hears of every drop of block b's count to 1. At most one evictor;
+        pass None to detach it."""
         assert evictor is None or self._evictor is None, "an evictor is already set"
         self._evictor = evictor
+        self._on_one_ref = on_one_ref if evictor is not None else None
 
     def refcount(self, block: int) -> int:
         return self._refcounts[block]
@@ -88,7 +96,10 @@ class BlockAllocator:
         counts = Counter(blocks)
         for b, k in counts.items():
             assert 0 <= b < self.num_blocks and self._refcounts[b] >= k, f"double free of block {b}"
+        hook = self._on_one_ref
         for b, k in counts.items():
-            self._refcounts[b] -= k
-            if self._refcounts[b] == 0:
+            left = self._refcounts[b] = self._refcounts[b] - k
+            if left == 0:
                 self._free.append(b)
+            elif left == 1 and hook is not None:
+                hook(b)

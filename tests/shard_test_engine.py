@@ -61,6 +61,7 @@ class CountingTestEngine:
     eos_token_ids: tuple[int, ...] = (0,)
     block_size: int = 4
     num_blocks: int = 100
+    max_total_tokens: int = 200
     model_id: str = "test-double"
     world_size: int = 1
     tp_size: int = 1
@@ -103,7 +104,7 @@ class CountingTestEngine:
             eos_token_ids=self.eos_token_ids,
             max_batch_size=8,
             max_input_tokens=100,
-            max_total_tokens=200,
+            max_total_tokens=self.max_total_tokens,
             max_batch_prefill_tokens=400,
             max_top_n_tokens=5,
             engine_version=f"shard-test-engine world_sum={self.world_sum}{self._thread_report()}",
@@ -252,6 +253,7 @@ def create(config: ShardConfig, dist: DistContext) -> CountingTestEngine:
         vocab_size=int(os.environ.get("TEST_ENGINE_VOCAB_SIZE", "64")),
         block_size=config.block_size,
         num_blocks=int(os.environ.get("TEST_ENGINE_NUM_BLOCKS", "100")),
+        max_total_tokens=int(os.environ.get("TEST_ENGINE_MAX_TOTAL_TOKENS", "200")),
         model_id=config.model_id,
         world_size=dist.world_size,
         tp_size=dist.tp_size,
