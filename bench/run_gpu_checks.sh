@@ -18,7 +18,11 @@
 #   maxload max-load HTTP serving, TP=1, --max-batch-size 256: 128/128 with 1,024 prompts at once
 #           (first from the checkout in BASE, if set, for a same-machine baseline), then 2048/128 and
 #           1000/1000 (MAXLOAD_MORE=0 skips those; MAXLOAD_BATCH=512 raises the cap; with
-#           MAXLOAD_BATCH2 set, 128/128 runs once more at that cap, name "cap<N>")
+#           MAXLOAD_BATCH2 set, 128/128 runs once more at that cap, name "cap<N>"; MAXLOAD_128=0 skips
+#           128/128; with BASE set, the checkout there runs every preset first, as "baseline*")
+#
+#   longctx decode at 1,000-token contexts (engine_bench, batch 1 to 192) against the memory floor
+#           (weights + every sequence's K/V over the copy bandwidth measured first: bench/batch_ceiling.py)
 #
 #   bench/run_gpu_checks.sh            # STAGES="bench profile serve tests" (default), OUT=results folder
 set -uo pipefail
@@ -100,13 +104,18 @@ if has maxload; then
       --plan "$@" --out "$OUTABS/maxload-$name.json" 2>&1 \
       | grep -v '^\[shard\|^INFO\|^WARNING\|^\[router\|^\[launcher' | tail -n 5)
   }
-  [ -n "${BASE:-}" ] && maxload "$BASE" baseline "128/128|inf|1024"
-  maxload . new "128/128|inf|1024"
+  if [ "${MAXLOAD_128:-1}" = 1 ]; then
+    [ -n "${BASE:-}" ] && maxload "$BASE" baseline "128/128|inf|1024"
+    maxload . new "128/128|inf|1024"
+  fi
   if [ -n "${MAXLOAD_BATCH2:-}" ]; then
     ML=${ML/--max-batch-size ${MAXLOAD_BATCH:-256}/--max-batch-size $MAXLOAD_BATCH2}
     maxload . "cap$MAXLOAD_BATCH2" "128/128|inf|1024"
   fi
-  [ "${MAXLOAD_MORE:-1}" = 1 ] && maxload . more "2048/128|inf|256" "1000/1000|inf|384"
+  if [ "${MAXLOAD_MORE:-1}" = 1 ]; then
+    [ -n "${BASE:-}" ] && maxload "$BASE" baseline-more "2048/128|inf|256" "1000/1000|inf|384"
+    maxload . more "2048/128|inf|256" "1000/1000|inf|384"
+  fi
 fi
 if has equal; then
   echo "=== equal"
@@ -121,6 +130,15 @@ if has equal; then
     --plan "128/128|1|3" "128/128|inf|64" "128/128|inf|256" --out "$OUT/equal-http.json" 2>&1 \
     | grep -v '^\[shard\|^INFO\|^WARNING\|^\[router\|^\[launcher' | tail -n 5
   $PY -m bench.equal_load "$OUT/equal-engine.json" "$OUT/equal-http.json" | tee "$OUT/equal.txt"
+fi
+if has longctx; then
+  echo "=== longctx"
+  $PY -m bench.bandwidth --config llama-3.1-8b --dtype bfloat16 --context 0,1024 --out "$OUT/bandwidth.json" 2>&1 | tail -n 3
+  timeout -k 30 250 $PY -m bench.engine_bench --launch --model-id llama-3.1-8b --num-shard 1 \
+    --shard-args "--load-format dummy --dtype bfloat16" --batch-sizes 1,32,64,128,192 --input-len 1000 \
+    --decode-steps 32 --prefill-lens "" --runs 2 --steps-per-call 4 --out "$OUT/engine-longctx.json" 2>&1 \
+    | grep -v '^\[shard\|^INFO\|^WARNING' | tail -n 7
+  $PY -m bench.batch_ceiling "$OUT/engine-longctx.json" "$OUT/bandwidth.json" | tee "$OUT/longctx.txt"
 fi
 if has tests; then
   echo "=== tests"

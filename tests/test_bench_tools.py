@@ -229,6 +229,22 @@ def test_equal_load_pairs_engine_waves_with_http_levels():
 
 
 @pytest.mark.slow
+def test_batch_ceiling_counts_weights_once_and_kv_per_sequence():
+    from bench.batch_ceiling import rows
+
+    bandwidth = {
+        "bandwidth": {"copy": {"bytes_per_s": 2e12}},
+        "ceilings": [{"context": 0, "weights_bytes": 16e9, "kv_bytes": 0},
+                     {"context": 1024, "weights_bytes": 16e9, "kv_bytes": 1024 * 131072}],
+    }
+    engine = {"batches": [{"batch": 100, "input_len": 1000, "decode_steps": 32, "decode_step_ms": {"p50": 20.0}}]}
+    (r,) = rows(engine, bandwidth)
+    assert r["mean_context"] == 1016
+    assert r["bytes_per_step_gb"] == pytest.approx((16e9 + 100 * 1016 * 131072) / 1e9)
+    assert r["floor_ms"] == pytest.approx((16e9 + 100 * 1016 * 131072) / 2e12 * 1e3)
+    assert r["fraction_of_floor"] == pytest.approx(r["floor_ms"] / 20.0)
+
+
 def test_engine_bench_against_a_real_shard(tmp_path):
     from bench.engine_bench import main
 
