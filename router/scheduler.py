@@ -73,6 +73,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._steps_since_prefill = 0
+        self._head_blocked_by_kv = False  # the last admission stopped at a head without KV room
         # Tokens of the last call, waiting for the next call to be on its way (see _rpc).
         self._outbox: list[tuple[RequestHandle, TokenOut]] = []
         self._lookup_tokens = 0  # prompt tokens looked up in / found in the prefix cache
@@ -134,6 +135,7 @@ class Scheduler:
 
     async def _iteration(self) -> None:
         await self._drop_cancelled()
+        self._head_blocked_by_kv = False  # set by _admit when it tried and the head did not fit
         if self.waiting and should_prefill(
             waiting=len(self.waiting),
             running=len(self.running),
@@ -160,15 +162,16 @@ class Scheduler:
     # -- policy pieces ----------------------------------------------------------------------------
     def _nobody_can_join(self) -> bool:
         """No waiting request needs to join within one token: none waits, or the batch is within
-        1/NEARLY_FULL of --max-batch-size. At full load every finish frees a slot, so the batch
+        1/NEARLY_FULL of --max-batch-size, or this iteration's admission found that the head of the
+        queue does not fit in the KV cache. At full load every finish frees a slot, so the batch
         hovers just under the cap; requiring it exactly full made nearly every call one step long
         (1.2 steps per call, 1,024 requests queued at --max-batch-size 256), paying the RPC and the
         router's per-call work for each token. Near the cap a waiting request joins within
-        max_decode_steps tokens instead. A head blocked by KV room is not counted: growing every
-        sequence for several steps at once under KV pressure preempts more (measured on an H100,
-        2048/128 with 256 prompts all at once: 1,083 output tok/s with multi-step calls there,
-        1,277 with single steps)."""
-        if not self.waiting:
+        max_decode_steps tokens instead. A head blocked by KV room waits for finishes, and those
+        free blocks at any step: it joins within max_decode_steps tokens of one. (An earlier
+        measurement favoured single steps under KV pressure: that was while every allocation short
+        of blocks scanned the whole prefix cache, which multi-step growth made worse.)"""
+        if not self.waiting or self._head_blocked_by_kv:
             return True
         if self.max_batch_size is None:
             return False
@@ -193,6 +196,7 @@ class Scheduler:
             if self.kv is not None:
                 placement = self.kv.place(entry)
                 if placement is None:
+                    self._head_blocked_by_kv = True
                     break
                 blocks, prefix_len = placement.blocks, placement.prefix_len
             self.waiting.pop()

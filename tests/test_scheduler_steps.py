@@ -102,9 +102,9 @@ def test_a_full_batch_keeps_multi_step_calls() -> None:
     # Batch of one: the second request waits for the first to finish, so single steps would gain
     # nothing. 9 tokens = 1 from prefill + 8 from two 4-step calls, for each request in turn.
     assert run(num_blocks=100, max_batch_size=1, new_tokens=(9, 9)) == [4, 4, 4, 4]
-    # 7 KV blocks: while the first request holds 4-6 of them, the second's prompt (4) never fits.
-    # Under KV pressure calls stay single steps (growing for several steps preempts more).
-    assert run(num_blocks=7, max_batch_size=None, new_tokens=(9, 9)) == [1] * 8 + [4, 4]
+    # 7 KV blocks: while the first request holds 4-6 of them, the second's prompt (4) never fits,
+    # so it cannot join before a finish either: the calls stay multi-step.
+    assert run(num_blocks=7, max_batch_size=None, new_tokens=(9, 9)) == [4, 4, 4, 4]
 
 
 def test_a_waiting_request_that_could_join_gets_single_steps() -> None:
