@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from router import metrics
+from router.batch_policy import admit, nobody_can_join, plan_growth
 from router.client import ShardedClient, prefill_out, to_pb_request, token_out
 from router.errors import GenerationError, OverloadedError
 from router.handle import Entry, RequestHandle, State
@@ -30,8 +31,6 @@ from router.types import GenerateRequest, Limits, ShardInfo, TokenOut
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Multi-step calls go on while at most 1/NEARLY_FULL of --max-batch-size is free (_nobody_can_join).
-NEARLY_FULL = 8
 
 
 class Scheduler:
@@ -135,7 +134,7 @@ class Scheduler:
 
     async def _iteration(self) -> None:
         await self._drop_cancelled()
-        self._head_blocked_by_kv = False  # set by _admit when it tried and the head did not fit
+        self._head_blocked_by_kv = False  # set by _admit when it tries and the head does not fit
         if self.waiting and should_prefill(
             waiting=len(self.waiting),
             running=len(self.running),
@@ -159,70 +158,23 @@ class Scheduler:
             self._steps_since_prefill += steps  # TGI's waiting_tokens counts tokens, not calls
         self._update_gauges()
 
-    # -- policy pieces ----------------------------------------------------------------------------
+    # -- policy pieces (router/batch_policy.py) --------------------------------------------------
     def _nobody_can_join(self) -> bool:
-        """No waiting request needs to join within one token: none waits, or the batch is within
-        1/NEARLY_FULL of --max-batch-size, or this iteration's admission found that the head of the
-        queue does not fit in the KV cache. At full load every finish frees a slot, so the batch
-        hovers just under the cap; requiring it exactly full made nearly every call one step long
-        (1.2 steps per call, 1,024 requests queued at --max-batch-size 256), paying the RPC and the
-        router's per-call work for each token. Near the cap a waiting request joins within
-        max_decode_steps tokens instead. A head blocked by KV room waits for finishes, and those
-        free blocks at any step: it joins within max_decode_steps tokens of one. (An earlier
-        measurement favoured single steps under KV pressure: that was while every allocation short
-        of blocks scanned the whole prefix cache, which multi-step growth made worse.)"""
-        if not self.waiting or self._head_blocked_by_kv:
-            return True
-        if self.max_batch_size is None:
-            return False
-        return len(self.running) >= self.max_batch_size - self.max_batch_size // NEARLY_FULL
+        return nobody_can_join(
+            waiting=len(self.waiting), running=len(self.running), max_batch_size=self.max_batch_size,
+            head_blocked_by_kv=self._head_blocked_by_kv,
+        )  # fmt: skip
 
     def _admit(self) -> list[tuple[Entry, list[int], int]]:
-        """Takes waiting entries (FIFO, no skipping) while they fit; returns (entry, blocks, prefix_len)."""
-        batch: list[tuple[Entry, list[int], int]] = []
-        prefill_tokens = 0
-        budget_tokens = sum(e.request.max_new_tokens + len(e.request.input_ids) for e in self.running)
-        while (entry := self.waiting.peek()) is not None:
-            if self.max_batch_size is not None and len(self.running) + len(batch) >= self.max_batch_size:
-                break
-            n = len(entry.tokens)
-            if batch and prefill_tokens + n > self.limits.max_batch_prefill_tokens:
-                break
-            total = len(entry.request.input_ids) + entry.request.max_new_tokens
-            if not self.paged and budget_tokens + total > self.limits.max_batch_total_tokens:
-                break  # engines that own their KV cache are admitted by token budget only
-            blocks: list[int] = []
-            prefix_len = 0
-            if self.kv is not None:
-                placement = self.kv.place(entry)
-                if placement is None:
-                    self._head_blocked_by_kv = True
-                    break
-                blocks, prefix_len = placement.blocks, placement.prefix_len
-            self.waiting.pop()
-            prefill_tokens += n - prefix_len
-            budget_tokens += total
-            batch.append((entry, blocks, prefix_len))
+        admission = admit(
+            self.waiting, self.running, kv=self.kv, limits=self.limits, max_batch_size=self.max_batch_size
+        )
+        self._head_blocked_by_kv = admission.head_blocked_by_kv
         metrics.QUEUE_SIZE.set(len(self.waiting))
-        return batch
+        return admission.batch
 
     def _plan_growth(self, steps: int) -> list[tuple[int, list[int]]]:
-        """Blocks for `steps` more tokens per running entry; preempts the newest entries when short."""
-        if self.kv is None:
-            return []
-        extensions: list[tuple[int, list[int]]] = []
-        for entry in sorted(self.running, key=lambda e: e.admitted_at):
-            if entry.state is not State.RUNNING:
-                continue  # preempted below while planning an older entry
-            while (fresh := self.kv.grow(entry, steps)) is None:
-                victim = max((e for e in self.running if e.state is State.RUNNING), key=lambda e: e.admitted_at)
-                self._preempt(victim)
-                if victim is entry:
-                    break
-            if fresh:
-                extensions.append((entry.id, fresh))
-        still = {e.id for e in self.running}
-        return [(i, b) for i, b in extensions if i in still]
+        return [] if self.kv is None else plan_growth(self.running, self.kv, steps, self._preempt)
 
     def _preempt(self, entry: Entry) -> None:
         """Recompute-style preemption: free the blocks (cached for a cheap re-prefill), requeue first."""
