@@ -19,7 +19,8 @@
 #           (first from the checkout in BASE, if set, for a same-machine baseline), then 2048/128 and
 #           1000/1000 (MAXLOAD_MORE=0 skips those; MAXLOAD_BATCH=512 raises the cap; with
 #           MAXLOAD_BATCH2 set, 128/128 runs once more at that cap, name "cap<N>"; MAXLOAD_128=0 skips
-#           128/128; with BASE set, the checkout there runs every preset first, as "baseline*")
+#           128/128; with BASE set, the checkout there runs every preset first, as "baseline*";
+#           MAXLOAD_EXTRA: more launcher flags, e.g. "--scheduler-policy guaranteed_no_evict")
 #
 #   longctx decode at 1,000-token contexts (engine_bench, batch 1 to 192) against the memory floor
 #           (weights + every sequence's K/V over the copy bandwidth measured first: bench/batch_ceiling.py)
@@ -96,7 +97,7 @@ if has maxload; then
   TOK=$(realpath "$TOKENIZER") OUTABS=$(realpath -m "$OUT")
   ML="--model-id shard/native/configs/llama-3.1-8b.json --load-format dummy --dtype bfloat16 --tokenizer-name $TOK"
   ML+=" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192"
-  ML+=" --max-concurrent-requests 1024 --max-batch-size ${MAXLOAD_BATCH:-256}"
+  ML+=" --max-concurrent-requests 1024 --max-batch-size ${MAXLOAD_BATCH:-256} ${MAXLOAD_EXTRA:-}"
   maxload() {  # maxload DIR NAME PLAN...
     local dir=$1 name=$2
     shift 2

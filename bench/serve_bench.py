@@ -267,6 +267,7 @@ def tokenizer_name(args: argparse.Namespace) -> str:
 
 
 SERVER_COUNTERS = ("tgi_batch_inference_duration_sum", "tgi_batch_forward_duration_sum", "tgi_batch_inference_count")
+PLAIN_COUNTERS = ("tgi_batch_mixed_count",)
 
 
 def server_counters(base_url: str) -> dict[str, float]:
@@ -286,6 +287,8 @@ def server_counters(base_url: str) -> dict[str, float]:
         if name in SERVER_COUNTERS and 'method="' in rest:
             method = rest.split('method="', 1)[1].split('"', 1)[0]
             out[f"{name}/{method}"] = float(line.rsplit(" ", 1)[1])
+        elif line.split(" ", 1)[0] in PLAIN_COUNTERS:
+            out["tgi_batch_mixed_count"] = float(line.rsplit(" ", 1)[1])
     return out
 
 

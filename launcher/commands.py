@@ -91,6 +91,7 @@ def shard_argv(
         str(config.max_input_tokens),
     ]
     argv += ["--max-total-tokens", str(config.max_total_tokens), "--log-level", config.log_level]
+    argv += ["--scheduler-policy", config.scheduler_policy]  # TensorRT-LLM admits itself
     if config.shard_host is not None:
         argv += ["--host", config.shard_host, "--port", str(config.shard_port)]
         if config.shard_advertise_host:
@@ -111,7 +112,10 @@ def router_argv(config: LauncherConfig, *, master_url: str, tokenizer: str, mode
         "max_decode_steps", "payload_limit", "cors_allow_origin",
     ):  # fmt: skip
         argv += ["--" + name.replace("_", "-"), str(getattr(config, name))]
+    # The router admits only for paged engines; "auto" is its max_utilization.
+    argv += ["--scheduler-policy", "max_utilization" if config.scheduler_policy == "auto" else config.scheduler_policy]
     argv += ["--prefix-caching", "false" if config.disable_prefix_caching else "true"]
+    argv += ["--mixed-batches", "true" if config.mixed_batches else "false"]
     return argv
 
 

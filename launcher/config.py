@@ -16,6 +16,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "load_format": ("auto", "dummy"),
     "log_level": ("debug", "info", "warning", "error"),
+    "scheduler_policy": ("auto", "max_utilization", "guaranteed_no_evict"),
 }
 
 
@@ -81,6 +82,14 @@ class LauncherConfig:
     kv_cache_tokens: int = _opt(0, "KV cache capacity in tokens (CPU, or a GPU override); 0 = engine default")
     block_size: int = _opt(16, "tokens per KV block")
     disable_prefix_caching: bool = _opt(False, "do not reuse cached prompt prefixes")
+    mixed_batches: bool = _opt(
+        False, "a prefill carries the running batch's next decode step (engines that support it: the native one)"
+    )
+    scheduler_policy: str = _opt(
+        "auto",
+        "KV admission: max_utilization (preempt when short) | guaranteed_no_evict (reserve each request's full "
+        "length) | auto (the router's max_utilization for the native engine; TensorRT-LLM's guaranteed_no_evict)",
+    )
     cuda_graphs: bool = _opt(True, "capture CUDA graphs for decode (--disable-cuda-graphs turns them off)")
     cache_dir: str = _opt("", "conversion cache (default ~/.cache/tgi-trtllm)")
     mpi_args: str = _opt("", "extra mpiexec arguments, shell-quoted (e.g. '-f hostfile')")

@@ -128,6 +128,8 @@ class Backend:
             max_waiting_tokens=cfg.max_waiting_tokens,
             max_decode_steps=cfg.max_decode_steps,
             prefix_caching=cfg.prefix_caching,
+            mixed_batches=cfg.mixed_batches,
+            reserve_kv=cfg.scheduler_policy == "guaranteed_no_evict",
         )
         self.scheduler.start()
         self.ready = True

@@ -31,13 +31,20 @@ def admit(
     kv: KvPlanner | None,
     limits: Limits,
     max_batch_size: int | None,
+    reserve: bool = False,
 ) -> Admission:
     """Takes waiting entries (FIFO, no skipping) while they fit: the batch cap, the prefill token
     budget, and KV blocks (paged engines) or the total-token budget (engines that own their KV
-    cache, kv None). Placed entries leave the queue with their blocks allocated."""
+    cache, kv None). Placed entries leave the queue with their blocks allocated.
+
+    reserve (guaranteed_no_evict, TensorRT-LLM's default capacity policy): a paged entry joins only
+    if every running entry and it can grow to their full length (prompt + max_new_tokens) at once,
+    so growth never preempts. Without it (max_utilization) the prompt plus one token must fit now
+    and growth preempts the newest entries when blocks run short."""
     batch: list[tuple[Entry, list[int], int]] = []
     prefill_tokens = 0
     budget_tokens = sum(e.request.max_new_tokens + len(e.request.input_ids) for e in running)
+    reserved = sum(kv.lifetime_blocks(e) for e in running) if kv is not None and reserve else 0
     while (entry := waiting.peek()) is not None:
         if max_batch_size is not None and len(running) + len(batch) >= max_batch_size:
             break
@@ -50,6 +57,11 @@ def admit(
         blocks: list[int] = []
         prefix_len = 0
         if kv is not None:
+            if reserve:
+                need = kv.lifetime_blocks(entry)
+                if reserved + need > kv.num_blocks:
+                    return Admission(batch, head_blocked_by_kv=True)
+                reserved += need
             placement = kv.place(entry)
             if placement is None:
                 return Admission(batch, head_blocked_by_kv=True)

@@ -103,6 +103,7 @@ class ShardedClient:
             max_top_n_tokens=r.max_top_n_tokens,
             engine_version=r.engine_version,
             unsupported_parameters=tuple(r.unsupported_parameters),
+            supports_mixed_batches=r.supports_mixed_batches,
             urls=self.urls,
         )
 
@@ -118,10 +119,22 @@ class ShardedClient:
         # Warmup loads kernels, captures CUDA graphs and sizes the KV cache: minutes on a big model.
         return await self._fan_out(lambda s: s.Warmup(req, timeout=1800))
 
-    async def prefill(self, requests: Sequence[pb.Request]) -> tuple[list[pb.Generation], int]:
-        req = pb.PrefillRequest(requests=requests)
+    async def prefill(
+        self,
+        requests: Sequence[pb.Request],
+        *,
+        decode_running: bool = False,
+        extensions: Iterable[tuple[int, Sequence[int]]] = (),
+    ) -> tuple[list[pb.Generation], list[pb.Generation], int]:
+        """-> (one generation per request, the running batch's generations (decode_running only),
+        forward ns)."""
+        req = pb.PrefillRequest(
+            requests=requests,
+            decode_running=decode_running,
+            extensions=[pb.BlockExtension(request_id=i, blocks=b) for i, b in extensions],
+        )
         resp = await self._fan_out(lambda s: s.Prefill(req))
-        return list(resp.generations), resp.timings.forward_ns
+        return list(resp.generations), list(resp.decode_generations), resp.timings.forward_ns
 
     async def decode(
         self, extensions: Iterable[tuple[int, Sequence[int]]], max_steps: int

@@ -9,6 +9,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
+# TensorRT-LLM's CapacitySchedulerPolicy names (its default is guaranteed_no_evict).
+SCHEDULER_POLICIES = ("max_utilization", "guaranteed_no_evict")
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -34,7 +37,19 @@ class RouterConfig:
     payload_limit: int = 2_000_000
     api_key: str = ""
     prefix_caching: bool = True
+    # Prefill calls carry the running batch's next decode step, where the engine can (Info). Off by
+    # default: on one H100 it gained at 1000/1000 and lost at 128/128 and 2048/128 (BENCHMARKS.md).
+    mixed_batches: bool = False
+    # KV admission: max_utilization (prompt + 1 token must fit; growth preempts the newest) or
+    # guaranteed_no_evict (every running request's full length is reserved; never preempts).
+    scheduler_policy: str = "max_utilization"
     cors_allow_origin: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scheduler_policy not in SCHEDULER_POLICIES:
+            raise ValueError(
+                f"--scheduler-policy must be one of {', '.join(SCHEDULER_POLICIES)}; got {self.scheduler_policy!r}"
+            )
 
     @property
     def listen_url(self) -> str:
@@ -76,4 +91,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
             help=f"(env {_env_name(f.name)}; default {default!r})" if f.name != "api_key" else "(env API_KEY)",
         )
     ns = parser.parse_args(argv)
-    return RouterConfig(**vars(ns))
+    try:
+        return RouterConfig(**vars(ns))
+    except ValueError as e:
+        parser.error(str(e))

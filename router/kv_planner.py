@@ -26,6 +26,19 @@ class KvPlanner:
         self.cache = RadixCache(self.allocator) if prefix_caching else None
         self.block_size = block_size
 
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    def lifetime_blocks(self, entry: Entry) -> int:
+        """The most blocks the entry can ever hold: its full length (prompt + max_new_tokens) plus
+        the one block of a call's overshoot past its end (grow below). Shared prefix blocks are
+        counted for every holder, so a reservation by this is conservative."""
+        return self.allocator.blocks_for_tokens(self._longest(entry))
+
+    def _longest(self, entry: Entry) -> int:
+        return len(entry.request.input_ids) + entry.request.max_new_tokens + self.allocator.block_size
+
     def _allocate(self, n: int) -> list[int]:
         """Allocates n blocks; the allocator evicts unreferenced cached prefixes when short."""
         return self.allocator.allocate(n) if n > 0 else []  # raises OutOfBlocksError, allocating nothing
@@ -55,8 +68,7 @@ class KvPlanner:
         it costs at most one block per sequence near its end: the growth is capped at one block
         past the request's own maximum, which the start-up check keeps within capacity (a lone
         request must always fit, or it would preempt itself forever)."""
-        longest = len(entry.request.input_ids) + entry.request.max_new_tokens + self.allocator.block_size
-        want = self.allocator.blocks_for_tokens(min(entry.kv_len + steps + 1, longest))
+        want = self.allocator.blocks_for_tokens(min(entry.kv_len + steps + 1, self._longest(entry)))
         need = want - len(entry.blocks)
         try:
             fresh = self._allocate(need)

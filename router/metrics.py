@@ -123,6 +123,8 @@ BATCH_FORWARD_DURATION = Histogram(
     "tgi_batch_forward_duration", "Batch forward duration (s)", ["method"], buckets=DURATION_BUCKETS
 )
 BATCH_INFERENCE_COUNT = Counter("tgi_batch_inference_count", "Inference calls per method", ["method"])
+# Not in TGI: prefill calls that also ran the running batch's decode step (mixed batches).
+BATCH_MIXED_COUNT = Counter("tgi_batch_mixed_count", "Prefill calls that carried the running batch's decode step")
 BATCH_INFERENCE_SUCCESS = Counter(
     "tgi_batch_inference_success", "Successful inference calls per method", ["method"]
 )

@@ -45,6 +45,8 @@ class Scheduler:
         max_waiting_tokens: int,
         max_decode_steps: int,
         prefix_caching: bool,
+        mixed_batches: bool = False,
+        reserve_kv: bool = False,
     ) -> None:
         self.client = client
         self.info = info
@@ -54,6 +56,9 @@ class Scheduler:
         self.max_waiting_tokens = max_waiting_tokens
         self.max_decode_steps = max(1, max_decode_steps)
         self.paged = not info.manages_kv_cache
+        # Prefill calls carry the running batch's next step (PrefillRequest.decode_running).
+        self.mixed = mixed_batches and info.supports_mixed_batches
+        self.reserve_kv = reserve_kv  # --scheduler-policy guaranteed_no_evict (batch_policy.admit)
         self.kv = (
             KvPlanner(
                 # --max-batch-total-tokens caps the blocks handed out (as TGI v3 sizes its allocator)
@@ -73,6 +78,9 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._steps_since_prefill = 0
         self._head_blocked_by_kv = False  # the last admission stopped at a head without KV room
+        # Block extensions planned but not yet sent (a mixed step's growth, planned before admission
+        # when admission then took nobody): the next Decode sends them.
+        self._unsent: list[tuple[int, list[int]]] = []
         # Tokens of the last call, waiting for the next call to be on its way (see _rpc).
         self._outbox: list[tuple[RequestHandle, TokenOut]] = []
         self._lookup_tokens = 0  # prompt tokens looked up in / found in the prefix cache
@@ -135,17 +143,30 @@ class Scheduler:
     async def _iteration(self) -> None:
         await self._drop_cancelled()
         self._head_blocked_by_kv = False  # set by _admit when it tries and the head does not fit
-        if self.waiting and should_prefill(
+        # A mixed prefill costs the running batch nothing but a slower step, so it runs whenever
+        # somebody can join; TGI's rule (should_prefill) spaces out prefills that stall decoding.
+        room = self.max_batch_size is None or len(self.running) < self.max_batch_size
+        mixed = self.mixed and bool(self.running) and room
+        if self.waiting and (mixed or should_prefill(
             waiting=len(self.waiting),
             running=len(self.running),
             steps_since_prefill=self._steps_since_prefill,
             waiting_served_ratio=self.waiting_served_ratio,
             max_waiting_tokens=self.max_waiting_tokens,
-        ):
+        )):  # fmt: skip
+            if mixed:
+                # The running entries' room for the mixed step comes first: admission must not
+                # take the blocks they need (that would preempt them for the newcomers).
+                self._unsent.extend(self._plan_growth(1))
+                await self._drop_cancelled()  # preemptions from planning
+                mixed = bool(self.running)
             batch = self._admit()
             if batch:
-                await self._prefill(batch)
+                await self._prefill(batch, mixed=mixed)
                 self._steps_since_prefill = 0
+                if mixed:  # the running batch took its step in the prefill
+                    self._update_gauges()
+                    return
             elif not self.running:
                 # Nothing runs and the head of the queue does not fit: it never will.
                 head = self.waiting.pop()
@@ -167,8 +188,9 @@ class Scheduler:
 
     def _admit(self) -> list[tuple[Entry, list[int], int]]:
         admission = admit(
-            self.waiting, self.running, kv=self.kv, limits=self.limits, max_batch_size=self.max_batch_size
-        )
+            self.waiting, self.running, kv=self.kv, limits=self.limits, max_batch_size=self.max_batch_size,
+            reserve=self.reserve_kv,
+        )  # fmt: skip
         self._head_blocked_by_kv = admission.head_blocked_by_kv
         metrics.QUEUE_SIZE.set(len(self.waiting))
         return admission.batch
@@ -196,7 +218,10 @@ class Scheduler:
             if entry.state is State.RUNNING:  # preempted entries are WAITING and keep their place
                 self._finish(entry, cache_it=True)
 
-    async def _prefill(self, batch: Sequence[tuple[Entry, list[int], int]]) -> None:
+    async def _prefill(self, batch: Sequence[tuple[Entry, list[int], int]], *, mixed: bool = False) -> None:
+        """mixed: the entries running before this batch also take their next step in it."""
+        stepping = list(self.running) if mixed else []
+        extensions = self._take_unsent() if mixed else []
         requests = []
         for entry, blocks, prefix_len in batch:
             entry.blocks = blocks
@@ -221,10 +246,15 @@ class Scheduler:
         metrics.PREFIX_CACHE_LOOKUP_TOKENS.inc(looked_up)
         metrics.PREFIX_CACHE_HIT_TOKENS.inc(hit)
         start = time.monotonic()
-        generations, forward_ns = await self._rpc(self.client.prefill(requests))
+        generations, stepped, forward_ns = await self._rpc(
+            self.client.prefill(requests, decode_running=mixed, extensions=extensions)
+        )
         metrics.BATCH_INFERENCE_DURATION.labels(method="prefill").observe(time.monotonic() - start)
         metrics.BATCH_FORWARD_DURATION.labels(method="prefill").observe(forward_ns / 1e9)
         metrics.BATCH_INFERENCE_COUNT.labels(method="prefill").inc()
+        if mixed:
+            metrics.BATCH_MIXED_COUNT.inc()
+        self._deliver_steps(stepping, stepped)
         for (entry, _, _), gen in zip(batch, generations, strict=True):
             entry.kv_len = len(entry.tokens)
             if entry.handle.prefill is None:
@@ -232,8 +262,9 @@ class Scheduler:
             self._deliver(entry, gen)
 
     async def _decode(self, steps: int) -> None:
-        extensions = self._plan_growth(steps)
+        self._unsent.extend(self._plan_growth(steps))
         await self._drop_cancelled()  # preemptions from planning
+        extensions = self._take_unsent()
         if not self.running:
             return
         start = time.monotonic()
@@ -241,7 +272,22 @@ class Scheduler:
         metrics.BATCH_INFERENCE_DURATION.labels(method="decode").observe(time.monotonic() - start)
         metrics.BATCH_FORWARD_DURATION.labels(method="decode").observe(forward_ns / 1e9)
         metrics.BATCH_INFERENCE_COUNT.labels(method="decode").inc()
-        by_id = {e.id: e for e in self.running}
+        self._deliver_steps(self.running, generations)
+
+    def _take_unsent(self) -> list[tuple[int, list[int]]]:
+        """Planned extensions of entries still running, one per entry (blocks in planning order:
+        the shard takes a request's extension once)."""
+        unsent, self._unsent = self._unsent, []
+        running = {e.id for e in self.running if e.state is State.RUNNING}
+        merged: dict[int, list[int]] = {}
+        for rid, blocks in unsent:
+            if rid in running:
+                merged.setdefault(rid, []).extend(blocks)
+        return list(merged.items())
+
+    def _deliver_steps(self, entries: Sequence[Entry], generations: Sequence) -> None:  # pb.Generation
+        """Decode-step tokens (a Decode answer, or a mixed Prefill's running part) for `entries`."""
+        by_id = {e.id: e for e in entries}
         for gen in generations:
             entry = by_id.get(gen.request_id)
             if entry is None or entry.state is not State.RUNNING:
@@ -292,6 +338,7 @@ class Scheduler:
             entry.handle.fail(error)
             self._finish(entry, cache_it=False)
         self._cancelled = []
+        self._unsent = []
         try:
             await self.client.clear()
         except GenerationError:

@@ -96,6 +96,7 @@ class ShardInfo:
     max_top_n_tokens: int
     engine_version: str = ""
     unsupported_parameters: tuple[str, ...] = ()
+    supports_mixed_batches: bool = False  # Prefill can carry the running batch's decode step
     num_blocks: int = 0
     max_supported_total_tokens: int = 0
     urls: tuple[str, ...] = field(default_factory=tuple)

@@ -18,6 +18,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# KV admission (TensorRT-LLM's CapacitySchedulerPolicy names). The router admits for paged engines;
+# TensorRT-LLM admits itself, so the shard passes it on. auto = the engine's default.
+SCHEDULER_POLICIES = ("auto", "max_utilization", "guaranteed_no_evict")
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_UDS_PATH_BYTES = 107
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -47,6 +50,7 @@ class ShardConfig:
     max_batch_size: int = 0  # optional caps passed by the launcher; 0 = none
     max_input_tokens: int = 0
     max_total_tokens: int = 0
+    scheduler_policy: str = "auto"  # SCHEDULER_POLICIES; used by the TensorRT-LLM engine
     seed: int = 0  # dummy weights seed
     log_level: str = "info"
 
@@ -55,6 +59,7 @@ class ShardConfig:
         _check_choice("device", self.device, DEVICES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("log_level", self.log_level, LOG_LEVELS)
+        _check_choice("scheduler_policy", self.scheduler_policy, SCHEDULER_POLICIES)
         if not self.model_id:
             raise ValueError("--model-id is required")
         if self.pp_size < 1 or self.tp_size < 0:

@@ -110,6 +110,7 @@ def info_to_pb(info: EngineInfo) -> pb.InfoResponse:
         max_top_n_tokens=info.max_top_n_tokens,
         engine_version=info.engine_version,
         unsupported_parameters=info.unsupported_parameters,
+        supports_mixed_batches=info.supports_mixed_batches,
     )
 
 

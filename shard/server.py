@@ -189,10 +189,19 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
     ) -> pb.PrefillResponse:
         def run() -> pb.PrefillResponse:
             started = time.perf_counter_ns()
-            result = self._engine.prefill([request_from_pb(r) for r in request.requests])
+            requests = [request_from_pb(r) for r in request.requests]
+            if request.decode_running:
+                if not self._engine.info().supports_mixed_batches:
+                    raise InvalidRequestError("Prefill.decode_running: this engine does not run mixed batches")
+                result = self._engine.prefill(requests, decode_running=extensions_from_pb(request.extensions))
+            elif request.extensions:
+                raise InvalidRequestError("Prefill.extensions need decode_running")
+            else:
+                result = self._engine.prefill(requests)
             return pb.PrefillResponse(
                 generations=[generation_to_pb(g) for g in result.generations],
                 timings=timings_to_pb(result, started),
+                decode_generations=[generation_to_pb(g) for g in result.decode_generations],
             )
 
         return await self._on_worker(run)

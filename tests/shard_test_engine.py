@@ -14,6 +14,8 @@ Behaviour:
   raises RuntimeError, like a CUDA out-of-memory), on TEST_ENGINE_FAIL_RANK (default: all);
   TEST_ENGINE_HANG_RANK=r: rank r's first Prefill never returns (a rank left waiting in a
   collective its peer never joined).
+- `mixed=True` (TEST_ENGINE_MIXED=1 in processes) reports supports_mixed_batches: a Prefill with
+  decode_running steps the running set first (admission order), then takes the new requests.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class CountingTestEngine:
     crash_at_prefill: bool = False
     error_at_prefill: bool = False
     hang_at_prefill: bool = False
+    mixed: bool = False
     # Set by create() (real shard processes): Info then reports the engine thread's torch threads
     # and whether calls run on the thread that built the engine (shard/server.py engine_thread).
     creator_thread: int | None = None
@@ -108,6 +111,7 @@ class CountingTestEngine:
             max_batch_prefill_tokens=400,
             max_top_n_tokens=5,
             engine_version=f"shard-test-engine world_sum={self.world_sum}{self._thread_report()}",
+            supports_mixed_batches=self.mixed,
         )
 
     def _thread_report(self) -> str:
@@ -162,7 +166,9 @@ class CountingTestEngine:
             top_tokens=top,
         )
 
-    def prefill(self, requests: Sequence[NewRequest]) -> StepResult:
+    def prefill(
+        self, requests: Sequence[NewRequest], *, decode_running: dict[int, Sequence[int]] | None = None
+    ) -> StepResult:
         self._enter("prefill")
         if self.crash_at_prefill:
             os._exit(CRASH_EXIT_STATUS)  # a crashed rank: no cleanup, like a segfault
@@ -174,6 +180,10 @@ class CountingTestEngine:
         ids = [r.id for r in requests]
         if len(set(ids)) != len(ids) or any(i in self.running for i in ids):
             raise InvalidRequestError(f"duplicate request id in {ids}")
+        decode_generations = []
+        if decode_running is not None:  # mixed batch: the running set steps first, in admission order
+            self._extend(decode_running)
+            decode_generations = [self._next(req) for req in list(self.running.values())]
         generations = []
         for r in requests:
             req = _Running(
@@ -185,15 +195,13 @@ class CountingTestEngine:
                 prompt = TopTokens(ids=r.input_ids, logprobs=(math.nan,) + (-1.0,) * (len(r.input_ids) - 1))
                 gen = dataclasses.replace(gen, prefill_tokens=prompt)
             generations.append(gen)
-        return StepResult(generations=generations, steps=1, forward_ns=len(requests))
+        return StepResult(
+            generations=generations, steps=1, forward_ns=len(requests), decode_generations=decode_generations
+        )
 
     def decode(self, extensions: dict[int, Sequence[int]], max_steps: int) -> StepResult:
         self._enter("decode")
-        unknown = set(extensions) - set(self.running)
-        if unknown:
-            raise InvalidRequestError(f"block extensions for requests not running: {sorted(unknown)}")
-        for request_id, blocks in extensions.items():
-            self.running[request_id].blocks.extend(blocks)
+        self._extend(extensions)
         generations: list[Generation] = []
         steps = 0
         while steps < max_steps and self.running:
@@ -201,6 +209,13 @@ class CountingTestEngine:
             generations.extend(self._next(req) for req in list(self.running.values()))
             steps += 1
         return StepResult(generations=generations, steps=steps, forward_ns=steps)
+
+    def _extend(self, extensions: dict[int, Sequence[int]]) -> None:
+        unknown = set(extensions) - set(self.running)
+        if unknown:
+            raise InvalidRequestError(f"block extensions for requests not running: {sorted(unknown)}")
+        for request_id, blocks in extensions.items():
+            self.running[request_id].blocks.extend(blocks)
 
     def filter(self, remove_ids: Sequence[int]) -> int:
         self._enter("filter")
@@ -264,4 +279,5 @@ def create(config: ShardConfig, dist: DistContext) -> CountingTestEngine:
         error_at_prefill=fail == "prefill-error" and fails_here,
         hang_at_prefill=os.environ.get("TEST_ENGINE_HANG_RANK", "") == str(dist.rank),
         creator_thread=threading.get_ident(),
+        mixed=os.environ.get("TEST_ENGINE_MIXED", "") == "1",
     )

@@ -42,6 +42,21 @@ def test_admission_stops_at_a_head_the_kv_cache_cannot_place() -> None:
     assert again.batch == [] and again.head_blocked_by_kv
 
 
+def test_guaranteed_no_evict_reserves_every_running_entrys_full_length() -> None:
+    # 11 + 8 tokens + the overshoot block: 23 -> 6 blocks for the whole life; prompt + 1 only 3.
+    kv = KvPlanner(num_blocks=13, block_size=BLOCK, prefix_caching=False)
+    assert kv.lifetime_blocks(entry(1)) == 6
+    waiting = queue(entry(1), entry(2), entry(3))
+    reserved = admit(waiting, [], kv=kv, limits=LIMITS, max_batch_size=None, reserve=True)
+    assert [e.id for e, _, _ in reserved.batch] == [1, 2] and reserved.head_blocked_by_kv  # 6 + 6 + 6 > 13
+    assert kv.allocator.free_count == 13 - 2 * 3  # only the prompts are allocated now
+    running = [e for e, _, _ in reserved.batch]
+    assert admit(waiting, running, kv=kv, limits=LIMITS, max_batch_size=None, reserve=True).batch == []
+    # max_utilization places the third prompt in the same room (and would preempt later).
+    optimistic = admit(waiting, running, kv=kv, limits=LIMITS, max_batch_size=None)
+    assert [e.id for e, _, _ in optimistic.batch] == [3]
+
+
 def test_the_batch_cap_is_not_a_kv_block() -> None:
     kv = KvPlanner(num_blocks=100, block_size=BLOCK, prefix_caching=False)
     result = admit(queue(entry(1), entry(2)), [], kv=kv, limits=LIMITS, max_batch_size=1)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -75,7 +77,9 @@ def token_ids(resp: dict) -> list[int]:
 
 @pytest.fixture(scope="module")
 def stack_tp1():
-    with running_stack(STACK_ARGS) as s:
+    # Mixed batches on (opt-in): this stack's concurrent tests then cover them; the other stacks
+    # here run the defaults.
+    with running_stack([*STACK_ARGS, "--mixed-batches"]) as s:
         yield s
 
 
@@ -119,6 +123,34 @@ def test_concurrent_requests_of_different_lengths(stack_tp1, hf):
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda j: generate(stack_tp1.base_url, *j)["generated_text"], jobs))
     assert together == alone
+
+
+def test_a_request_joins_a_running_stream_through_a_mixed_prefill(stack_tp1, hf):
+    """The second request arrives while the first streams: its prefill carries the first one's
+    decode step (tgi_batch_mixed_count), and both texts equal what each gives alone."""
+    _, tok = hf
+    url = stack_tp1.base_url
+    long_prompt, short_prompt = chat_prompt(tok, QUESTIONS[3]), chat_prompt(tok, QUESTIONS[0])
+    alone = [generate(url, long_prompt, 40)["generated_text"], generate(url, short_prompt, 12)["generated_text"]]
+    started, texts = threading.Event(), []
+
+    def stream_long() -> None:
+        body = {"inputs": long_prompt, "parameters": {"max_new_tokens": 40}}
+        with httpx.stream("POST", url + "/generate_stream", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    started.set()
+                    if '"generated_text":null' not in line.replace(" ", ""):
+                        texts.append(line)
+
+    before = metric(url, "tgi_batch_mixed_count")
+    worker = threading.Thread(target=stream_long)
+    worker.start()
+    assert started.wait(60)
+    short = generate(url, short_prompt, 12)["generated_text"]
+    worker.join(120)
+    assert [json.loads(texts[-1].removeprefix("data:"))["generated_text"], short] == alone
+    assert metric(url, "tgi_batch_mixed_count") > before
 
 
 def test_text_generation_client(stack_tp1, hf):

@@ -444,6 +444,26 @@ def test_mpiexec_command_line_per_mpi_flavour(monkeypatch: pytest.MonkeyPatch) -
     assert cli.is_open_mpi(MPIEXEC) is False  # the venv's mpiexec is MPICH's hydra
 
 
+def test_scheduling_flags_reach_the_router_and_the_shards() -> None:
+    def argvs(*flags: str) -> tuple[list[str], list[str]]:
+        config = cli.parse_args(list(flags), env={})
+        router = cli.router_argv(config, master_url="unix:///s-0", tokenizer="/t", model_name="m")
+        shard = cli.shard_argv(config, model="/m", mpiexec="mpiexec", open_mpi=False, uds_path="/s/shard")
+        return router, shard
+
+    def value(argv: list[str], flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    router, shard = argvs()  # auto: the router's max_utilization, TensorRT-LLM's own default
+    assert value(router, "--scheduler-policy") == "max_utilization" and value(shard, "--scheduler-policy") == "auto"
+    assert value(router, "--mixed-batches") == "false"
+    router, shard = argvs("--scheduler-policy", "guaranteed_no_evict", "--mixed-batches")
+    assert value(router, "--scheduler-policy") == value(shard, "--scheduler-policy") == "guaranteed_no_evict"
+    assert value(router, "--mixed-batches") == "true"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--scheduler-policy", "fifo"], env={})
+
+
 def test_service_discovery_is_decoded_without_the_stubs() -> None:
     urls = ["unix:///tmp/a/shard-0", "host:50052", "x" * 300]
     assert (

@@ -111,6 +111,60 @@ def test_join_between_steps_and_prefix_reuse(models):
     assert out_b == hf_greedy(hf, b, 5)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mixed_prefills_equal_transformers(models, overlap):
+    """Requests join through mixed prefills (the running batch's step rides in the prompt forward),
+    back to back and after a multi-step decode (whose last step is carried when overlap is on); one
+    joins with prompt logprobs. Every token equals transformers' greedy run of that request alone."""
+    hf = models[0]
+    eng = make_engine(models, overlap=overlap)
+    blocks = Blocks(eng.kv.num_blocks - 1)
+    g = torch.Generator().manual_seed(6)  # a seed whose greedy runs never emit EOS (hf_greedy forbids it)
+    prompts = [torch.randint(3, 290, (n,), generator=g).tolist() for n in (13, 9, 20, 6)]
+    lens = [14, 9, 6, 5]
+    reqs = [req(i + 1, p, n, blocks) for i, (p, n) in enumerate(zip(prompts, lens, strict=True))]
+    reqs[2] = NewRequest(**{**reqs[2].__dict__, "prefill_logprobs": True})
+    out: dict[int, list[int]] = {r.id: [] for r in reqs}
+
+    def take(gens) -> None:  # noqa: ANN001
+        for x in gens:
+            out[x.request_id].append(x.token_id)
+
+    take(eng.prefill([reqs[0]]).generations)
+    take(eng.decode({}, 3).generations)
+    mixed = eng.prefill([reqs[1]], decode_running={})
+    assert [x.request_id for x in mixed.decode_generations] == [1] * (2 if overlap else 1)  # + the carried step
+    take(mixed.decode_generations)
+    take(mixed.generations)
+    mixed = eng.prefill([reqs[2], reqs[3]], decode_running={})  # back to back, two join at once
+    assert sorted(x.request_id for x in mixed.decode_generations) == [1, 2]
+    take(mixed.decode_generations)
+    take(mixed.generations)
+    logprobs = mixed.generations[0].prefill_tokens
+    ref = torch.log_softmax(hf(torch.tensor([prompts[2]])).logits[0].float(), -1)
+    expect = [ref[i - 1, prompts[2][i]].item() for i in range(1, len(prompts[2]))]
+    assert logprobs.ids == tuple(prompts[2]) and logprobs.logprobs[1:] == pytest.approx(expect, abs=1e-4)
+    while eng.seqs:
+        take(eng.decode({}, 2).generations)
+    for r, p, n in zip(reqs, prompts, lens, strict=True):
+        assert out[r.id] == hf_greedy(hf, p, n), r.id
+
+
+def test_a_mixed_step_needs_room_for_the_running_tokens(models):
+    eng = make_engine(models)
+    blocks = Blocks(eng.kv.num_blocks - 1)
+    tight = NewRequest(id=1, input_ids=(5, 6, 7), sampling=SamplingParams(), stopping=StoppingParams(max_new_tokens=9),
+                       blocks=tuple(blocks.take(1)))  # 4 slots: the prompt and the first token's K/V
+    eng.prefill([tight])
+    eng.prefill([req(2, [8, 9], 3, blocks)], decode_running={})  # writes the first token into slot 3
+    with pytest.raises(InvalidRequestError, match="no room"):
+        eng.prefill([req(3, [10, 11], 3, blocks)], decode_running={})
+    with pytest.raises(InvalidRequestError, match="unknown request"):
+        eng.prefill([req(4, [10, 11], 3, blocks)], decode_running={42: [1]})
+    got = eng.prefill([req(5, [10, 11], 3, blocks)], decode_running={1: blocks.take(1)})
+    assert sorted(x.request_id for x in got.decode_generations) == [1, 2]
+
+
 def test_stops_and_prompt_logprobs(models):
     hf = models[0]
     eng = make_engine(models)

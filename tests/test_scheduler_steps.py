@@ -1,5 +1,6 @@
 """How many steps the scheduler asks per Decode call (router/scheduler.py): one while a waiting
-request could join, max_decode_steps while nobody waits or nobody waiting could join anyway."""
+request could join, max_decode_steps while nobody waits or nobody waiting could join anyway; and
+mixed batches (a Prefill that carries the running batch's step) with the KV admission policies."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ class CountingClient:
         self.decode_steps: list[int] = []
         self.left: dict[int, int] = {}  # request id -> tokens still to emit
 
-    async def prefill(self, requests):
+    async def prefill(self, requests, *, decode_running=False, extensions=()):
+        assert not decode_running and not extensions  # the plain client reports no mixed batches
         out = []
         for r in requests:
             self.left[r.id] = r.stopping.max_new_tokens - r.generated_before
             out.append(self._emit(r.id))
-        return out, 0
+        return out, [], 0
 
     async def decode(self, extensions, steps):
         await asyncio.sleep(0)  # a real call yields to the event loop: requests arrive meanwhile
@@ -54,20 +56,22 @@ class CountingClient:
 
 
 def scheduler(
-    client: CountingClient, *, num_blocks: int, max_batch_size: int | None, ratio: float = 0.3, max_waiting: int = 20
+    client: CountingClient, *, num_blocks: int, max_batch_size: int | None, ratio: float = 0.3, max_waiting: int = 20,
+    mixed: bool = False, reserve: bool = False,
 ) -> Scheduler:
     info = ShardInfo(
         model_id="m", dtype="float32", device_type="cpu", world_size=1, tp_size=1, pp_size=1, engine="native",
         block_size=BLOCK, manages_kv_cache=False, vocab_size=64, eos_token_ids=(0,), max_batch_size=0,
         max_input_tokens=0, max_total_tokens=0, max_batch_prefill_tokens=0, supports_prefix_caching=True,
-        supports_prefill_logprobs=True, max_top_n_tokens=5, num_blocks=num_blocks,
+        supports_prefill_logprobs=True, max_top_n_tokens=5, num_blocks=num_blocks, supports_mixed_batches=mixed,
     )  # fmt: skip
     limits = Limits(
         max_input_tokens=64, max_total_tokens=128, max_batch_prefill_tokens=256, max_batch_total_tokens=10_000,
         max_best_of=1, max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, max_concurrent_requests=8,
     )  # fmt: skip
     return Scheduler(client=client, info=info, limits=limits, max_batch_size=max_batch_size, waiting_served_ratio=ratio,
-                     max_waiting_tokens=max_waiting, max_decode_steps=4, prefix_caching=True)  # fmt: skip
+                     max_waiting_tokens=max_waiting, max_decode_steps=4, prefix_caching=True,
+                     mixed_batches=mixed, reserve_kv=reserve)  # fmt: skip
 
 
 PROMPT = 12  # tokens: a prompt takes 4 blocks at admission, a whole request (12 + 9 + 1) 6
@@ -178,3 +182,138 @@ def test_the_next_call_is_sent_before_the_streams_get_the_last_calls_tokens() ->
     seen_at_call, total = asyncio.run(main())
     assert total == 9
     assert seen_at_call == [0, 1], seen_at_call  # with tokens pushed first: [1, 5]
+
+
+class MixedClient(CountingClient):
+    """CountingClient that runs mixed batches and checks block room as a paged engine does: a
+    request that emits its n-th token must hold blocks for prompt + n tokens, plus the slot of
+    the pending one (ceil((tokens + 1) / BLOCK))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int, bool]] = []  # (rpc, new requests or steps, decode_running)
+        self.blocks: dict[int, int] = {}
+        self.tokens: dict[int, int] = {}
+        self.filtered: list[int] = []
+        self.peak = 0  # most requests running at once
+        self.on_prefill = lambda: None  # runs inside each Prefill (a request arriving meanwhile)
+
+    def _extend(self, extensions) -> None:  # noqa: ANN001
+        for rid, blocks in extensions:
+            assert rid in self.left, f"extension for {rid}, which is not running"
+            self.blocks[rid] += len(blocks)
+
+    def _emit(self, rid: int) -> pb.Generation:
+        assert self.blocks[rid] * BLOCK >= self.tokens[rid] + 1, f"request {rid} has no room for its next token"
+        self.tokens[rid] += 1
+        return super()._emit(rid)
+
+    async def prefill(self, requests, *, decode_running=False, extensions=()):
+        await asyncio.sleep(0)
+        self.calls.append(("prefill", len(requests), decode_running))
+        self.on_prefill()
+        stepped = []
+        if decode_running:
+            self._extend(extensions)
+            stepped = [self._emit(rid) for rid in list(self.left)]
+        out = []
+        for r in requests:
+            self.left[r.id] = r.stopping.max_new_tokens - r.generated_before
+            self.blocks[r.id], self.tokens[r.id] = len(r.blocks), len(r.input_ids)
+            out.append(self._emit(r.id))
+        self.peak = max(self.peak, len(self.left) + sum(1 for g in out if g.finish_reason))
+        return out, stepped, 0
+
+    async def decode(self, extensions, steps):
+        self.calls.append(("decode", steps, False))
+        self._extend(extensions)
+        return await super().decode((), steps)
+
+    async def filter(self, ids) -> None:
+        self.filtered += ids
+        await super().filter(ids)
+
+
+def run_mixed(client: MixedClient, new_tokens: tuple[int, ...], **kw) -> None:  # noqa: ANN003
+    async def main() -> list[int]:
+        sched = scheduler(client, mixed=True, **kw)
+        sched.start()
+        try:
+            handles = [sched.submit(request(10 * i + 1, n)) for i, n in enumerate(new_tokens)]
+            return await asyncio.wait_for(asyncio.gather(*(drain(h) for h in handles)), 30)
+        finally:
+            await sched.stop()
+
+    assert asyncio.run(main()) == list(new_tokens)
+
+
+def test_a_late_request_joins_through_a_mixed_prefill() -> None:
+    # TGI's queue rule would keep the late request waiting for 12 tokens (ratio 10, max_waiting 12,
+    # as in the single-step test above). A mixed prefill stalls nobody, so it joins at the next call,
+    # and the running request's step rides in it: no single-step calls at all.
+    async def main() -> MixedClient:
+        client = MixedClient()
+        sched = scheduler(client, num_blocks=100, max_batch_size=None, ratio=10.0, max_waiting=12, mixed=True)
+        sched.start()
+        try:
+            long = sched.submit(request(1, 30))
+            while not client.decode_steps:
+                await asyncio.sleep(0)
+            late = sched.submit(request(100, 3))
+            counts = await asyncio.wait_for(asyncio.gather(drain(long), drain(late)), 30)
+        finally:
+            await sched.stop()
+        assert counts == [30, 3]
+        return client
+
+    client = asyncio.run(main())
+    assert client.calls[0] == ("prefill", 1, False)  # nothing ran yet: a plain prefill
+    assert ("prefill", 1, True) in client.calls, client.calls
+    late_at = client.calls.index(("prefill", 1, True))
+    assert late_at <= 2, client.calls  # at most one 4-step call went by before it joined
+    assert all(n > 1 for rpc, n, _ in client.calls if rpc == "decode") or client.calls[-1][1] < 4, client.calls
+
+
+def test_back_to_back_mixed_prefills_grow_the_running_batch_each_time() -> None:
+    # A request arrives during every prefill, so mixed prefills follow each other with no decode
+    # call between them: each must grow the running requests for its own step (MixedClient checks
+    # the room), beyond the one spare slot a multi-step call leaves.
+    async def main() -> tuple[MixedClient, list[int]]:
+        client = MixedClient()
+        sched = scheduler(client, num_blocks=200, max_batch_size=None, mixed=True)
+        late: list[RequestHandle] = []
+        client.on_prefill = lambda: late.append(sched.submit(request(100 + 20 * len(late), 9))) if len(late) < 6 else None
+        sched.start()
+        try:
+            first = sched.submit(request(1, 30))
+            while len(late) < 6:  # they arrive one per prefill, while the first one generates
+                await asyncio.sleep(0)
+            counts = await asyncio.wait_for(asyncio.gather(drain(first), *(drain(h) for h in late)), 30)
+        finally:
+            await sched.stop()
+        return client, counts
+
+    client, counts = asyncio.run(main())
+    assert counts == [30] + [9] * 6, counts
+    # The plain prefill (nobody ran) is followed by its iteration's decode call; then back to back:
+    assert client.calls[2:8] == [("prefill", 1, True)] * 6, client.calls
+
+
+def test_mixed_batches_under_kv_pressure_grow_the_running_ones_first() -> None:
+    # 14 blocks for five requests of 6 blocks each: mixed prefills, growth, preemption and
+    # re-admission interleave; every token still arrives, and no step lacks room (MixedClient).
+    client = MixedClient()
+    run_mixed(client, (9, 9, 9, 9, 9), num_blocks=14, max_batch_size=None)
+    assert any(m for _, _, m in client.calls), client.calls
+    assert client.filtered, "the pressure should have preempted someone"
+    assert client.peak >= 3, client.peak
+
+
+def test_guaranteed_no_evict_never_preempts() -> None:
+    # The same load under guaranteed_no_evict: a request joins only when every running request
+    # can reach its full length (7 blocks each with the overshoot block), so two at a time, and
+    # nobody is ever preempted (no FilterBatch calls).
+    client = MixedClient()
+    run_mixed(client, (9, 9, 9, 9, 9), num_blocks=14, max_batch_size=None, reserve=True)
+    assert not client.filtered, client.filtered
+    assert client.peak == 2, client.peak

@@ -210,6 +210,33 @@ def test_engine_errors_map_to_status_codes_and_keep_the_engine_healthy(socket_di
         stub.Health(pb.HealthRequest())  # still healthy
 
 
+def test_mixed_prefill_over_grpc_and_its_refusal(socket_dir: str) -> None:
+    """decode_running reaches an engine that reports supports_mixed_batches (the running request's
+    token comes back in decode_generations, its extension applied); others answer INVALID_ARGUMENT."""
+    url = f"unix://{socket_dir}/s-0"
+    with serving(CountingTestEngine(mixed=True), [url], [url]):
+        stub = stub_for(url)
+        assert stub.Info(pb.InfoRequest()).supports_mixed_batches
+        stub.Prefill(pb.PrefillRequest(requests=[make_request(1, [5, 6, 7], max_new_tokens=9)]))  # 1 block: 4 slots
+        mixed = pb.PrefillRequest(requests=[make_request(2, [20], max_new_tokens=3)], decode_running=True)
+        assert _code(stub.Prefill, mixed)[0] == grpc.StatusCode.INVALID_ARGUMENT  # request 1 has no room
+        mixed.extensions.append(pb.BlockExtension(request_id=1, blocks=[99]))
+        resp = stub.Prefill(mixed)
+        assert [(g.request_id, g.token_id) for g in resp.decode_generations] == [(1, 9)]
+        assert [(g.request_id, g.token_id) for g in resp.generations] == [(2, 21)]
+    url = f"unix://{socket_dir}/s-1"
+    with serving(CountingTestEngine(), [url], [url]):
+        stub = stub_for(url)
+        assert not stub.Info(pb.InfoRequest()).supports_mixed_batches
+        plain = pb.PrefillRequest(requests=[make_request(1, [5], max_new_tokens=2)], decode_running=True)
+        assert _code(stub.Prefill, plain) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "Prefill.decode_running: this engine does not run mixed batches"
+        )
+        plain.decode_running = False
+        plain.extensions.append(pb.BlockExtension(request_id=1, blocks=[3]))
+        assert _code(stub.Prefill, plain)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_unexpected_error_is_internal_and_then_health_is_unavailable(socket_dir: str) -> None:
     engine = CountingTestEngine()
     url = f"unix://{socket_dir}/s-0"

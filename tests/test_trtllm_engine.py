@@ -186,6 +186,12 @@ def test_executor_config_is_explicit(trtllm, engine_dir):
     # An engine built with paged context FMHA gets block reuse and context chunking.
     fp8 = parse_engine_config(FIXTURES / "trtllm-build-1.0-llama-fp8-tp2" / "config.json")
     cfg, reuse = executor_config(trtllm, fp8, kv_cache_fraction=0.8, max_batch_size=0)
+    # --scheduler-policy reaches TensorRT-LLM's capacity scheduler; auto keeps its default.
+    policy = trtllm.CapacitySchedulerPolicy
+    for flag, want in (("auto", policy.GUARANTEED_NO_EVICT), ("max_utilization", policy.MAX_UTILIZATION),
+                       ("guaranteed_no_evict", policy.GUARANTEED_NO_EVICT)):  # fmt: skip
+        got = executor_config(trtllm, fp8, kv_cache_fraction=0.8, max_batch_size=0, scheduler_policy=flag)[0]
+        assert got.scheduler_config.capacity_scheduler_policy == want, flag
     assert (
         reuse is True
         and cfg.kv_cache_config.enable_block_reuse is True

@@ -46,6 +46,12 @@ class Engine(Protocol):
         """Adds requests to the running set and returns exactly one Generation per request, in order.
 
         Raises InvalidRequestError for a duplicate id or a too-short block table.
+
+        Engines whose info() says supports_mixed_batches also take a keyword
+        `decode_running: dict[int, Sequence[int]]` (block extensions, as decode's): the requests
+        already running then take one decode step in the same forward, and their tokens come back
+        in StepResult.decode_generations (a step carried from the last decode first). The shard
+        passes it only to such engines.
         """
         ...
 

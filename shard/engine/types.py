@@ -106,6 +106,7 @@ class EngineInfo:
     max_top_n_tokens: int = 10
     engine_version: str = ""
     unsupported_parameters: tuple[str, ...] = ()  # request parameters the router must reject
+    supports_mixed_batches: bool = False  # Engine.prefill accepts decode_running (base.py)
 
 
 @dataclass(frozen=True)
@@ -128,3 +129,5 @@ class StepResult:
     generations: list[Generation]
     steps: int
     forward_ns: int = 0
+    # Prefill with decode_running: the running set's tokens (Decode's order: carried step first).
+    decode_generations: list[Generation] = field(default_factory=list)

@@ -30,9 +30,12 @@ def build_prefill(
     all_logits: Sequence[bool],
     block_size: int,
     device: torch.device,
+    num_decode: int = 0,
 ) -> ForwardBatch:
     """new_tokens[b] are the tokens of sequence b from position prefix_lens[b] on.
-    Logits rows: the last new token of each sequence, or all of them where all_logits[b]."""
+    Logits rows: the last new token of each sequence, or all of them where all_logits[b].
+    num_decode: the first sequences are decode rows of a mixed batch (one token each)."""
+    assert all(len(t) == 1 for t in new_tokens[:num_decode])
     lens = np.array([len(t) for t in new_tokens], dtype=np.int64)
     prefix = np.array(prefix_lens, dtype=np.int64)
     cu = np.zeros(len(lens) + 1, dtype=np.int64)
@@ -62,6 +65,7 @@ def build_prefill(
         is_prefill=True,
         max_seqlen_q=int(lens.max()),
         max_seqlen_k=int(seq_lens.max()),
+        num_decode=num_decode,
     )
 
 

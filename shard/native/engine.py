@@ -22,20 +22,19 @@ from shard.engine.types import (
     EngineInfo,
     EngineKind,
     Generation,
-    NewRequest,
     StepResult,
-    TopTokens,
     WarmupResult,
     WarmupSpec,
 )
-from shard.native.batch import DecodeBatch, build_prefill
+from shard.native.batch import DecodeBatch
 from shard.native.config import ModelConfig
 from shard.native.decode_steps import DecodeSteps, LaunchedStep, SeqState
 from shard.native.forward import ForwardBatch
 from shard.native.kv_cache import KVCache, kv_bytes_per_block
 from shard.native.memory import plan_kv_blocks
+from shard.native.prefill_steps import PrefillSteps
 from shard.native.sampler import Sampler
-from shard.native.sampling_batch import SamplingBatch, make_generator
+from shard.native.sampling_batch import SamplingBatch
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class RuntimeOptions:
     max_total_tokens: int = 0
 
 
-class NativeEngine(DecodeSteps):
+class NativeEngine(PrefillSteps, DecodeSteps):
     def __init__(
         self,
         *,
@@ -136,6 +135,7 @@ class NativeEngine(DecodeSteps):
             max_total_tokens=max_total,
             max_batch_size=MAX_GRAPH_BATCH if self._graphs_enabled() else 0,
             engine_version=f"torch {torch.__version__}",
+            supports_mixed_batches=True,
         )
 
     def _graphs_enabled(self) -> bool:
@@ -204,61 +204,11 @@ class NativeEngine(DecodeSteps):
         )
 
     @torch.inference_mode()
-    def prefill(self, requests: Sequence[NewRequest]) -> StepResult:
-        self._bind_device()
-        if self.kv is None:
-            raise InvalidRequestError("Prefill before Warmup")
-        self._settle()
-        new = [self._admit(r) for r in requests]
-        start = time.perf_counter_ns()
-        batch = build_prefill(
-            new_tokens=[s.tokens[r.prefix_len :] for s, r in zip(new, requests, strict=True)],
-            prefix_lens=[r.prefix_len for r in requests],
-            block_tables=[s.blocks for s in new],
-            all_logits=[r.prefill_logprobs for r in requests],
-            block_size=self.block_size,
-            device=self.device,
-        )
-        logits = self._forward(batch)  # (L, V) float32; None before the last pipeline stage
-        # The last logits row of each sequence picks its first token.
-        rows, prompt_logprobs, offset = [], [], 0
-        for s, r in zip(new, requests, strict=True):
-            n = len(s.tokens) - r.prefix_len if r.prefill_logprobs else 1
-            if r.prefill_logprobs and logits is not None:
-                prompt_logprobs.append(self._prompt_logprobs(logits[offset : offset + n], s.tokens))
-            else:
-                prompt_logprobs.append(None)
-            offset += n
-            rows.append(offset - 1)
-        for s in new:
-            s.kv_len = len(s.tokens)
-            self.seqs[s.id] = s
-        last_rows = None if logits is None else logits[torch.tensor(rows, device=logits.device)]
-        gens = self._sample_and_step(new, last_rows)
-        forward_ns = time.perf_counter_ns() - start
-        gens = [
-            g if p is None else _with_prefill(g, p) for g, p in zip(gens, prompt_logprobs, strict=True)
-        ]
-        self._decode_batch = None  # the running set changed
-        return StepResult(generations=gens, steps=1, forward_ns=forward_ns)
-
-    @torch.inference_mode()
     def decode(self, extensions: dict[int, Sequence[int]], max_steps: int) -> StepResult:
         self._bind_device()
         if extensions:
             self._settle()  # the batch is rebuilt with the new blocks, from current host state
-        # Requests that ended in a carried step read outside Decode: the router learns it from
-        # this call's answer, so it may still send them blocks.
-        ended = {g.request_id for g in self._orphans if g.finish_reason is not None}
-        for rid, blocks in extensions.items():
-            seq = self.seqs.get(rid)
-            if seq is None and rid in ended:
-                continue
-            if seq is None:
-                raise InvalidRequestError(f"Decode: unknown request id {rid} in block extensions")
-            seq.blocks.extend(blocks)
-        if extensions:
-            self._decode_batch = None
+            self._extend(extensions)
         start = time.perf_counter_ns()
         if self._overlap:
             out, steps = self._decode_overlapped(max(1, max_steps))
@@ -305,36 +255,20 @@ class NativeEngine(DecodeSteps):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def _admit(self, r: NewRequest) -> SeqState:
-        if r.id in self.seqs:
-            raise InvalidRequestError(f"Prefill: request id {r.id} is already running")
-        if not r.input_ids:
-            raise InvalidRequestError(f"Prefill: request {r.id} has no input tokens")
-        need = math.ceil((len(r.input_ids) + 1) / self.block_size)
-        if len(r.blocks) < need:
-            raise InvalidRequestError(
-                f"Prefill: request {r.id} has {len(r.blocks)} blocks, needs {need} for {len(r.input_ids)} tokens"
-            )
-        if r.prefix_len % self.block_size or r.prefix_len >= len(r.input_ids):
-            raise InvalidRequestError(f"Prefill: request {r.id} has an invalid prefix_len {r.prefix_len}")
-        assert self.kv is not None
-        if max(r.blocks) >= self.kv.num_blocks - 1:
-            raise InvalidRequestError(f"Prefill: request {r.id} names a block beyond the cache")
-        stop_ids = frozenset() if r.stopping.ignore_eos_token else frozenset(
-            (*self.mc.eos_token_ids, *r.stopping.stop_token_ids)
-        )
-        return SeqState(
-            id=r.id,
-            tokens=list(r.input_ids),
-            blocks=list(r.blocks),
-            kv_len=r.prefix_len,
-            sampling=r.sampling,
-            stopping=r.stopping,
-            top_n=r.top_n_tokens,
-            generated=r.generated_before,
-            generator=make_generator(r.sampling.seed, self.device) if r.sampling.do_sample else None,
-            stop_ids=stop_ids,
-        )
+    def _extend(self, extensions: dict[int, Sequence[int]]) -> None:
+        """Appends block extensions (Decode's, a mixed Prefill's), after _settle. Requests that
+        ended in a carried step read outside a call are skipped: the router learns of the end
+        from the next answer, so it may still send them blocks."""
+        ended = {g.request_id for g in self._orphans if g.finish_reason is not None}
+        for rid, blocks in extensions.items():
+            seq = self.seqs.get(rid)
+            if seq is None and rid in ended:
+                continue
+            if seq is None:
+                raise InvalidRequestError(f"unknown request id {rid} in block extensions")
+            seq.blocks.extend(blocks)
+        if extensions:
+            self._decode_batch = None
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """(L, V) float32 logits on the last pipeline stage; None on the others (their forward has
@@ -342,17 +276,3 @@ class NativeEngine(DecodeSteps):
         assert self.kv is not None
         out = self.model(batch, self.kv)
         return out if self.is_last_stage else None
-
-    @staticmethod
-    def _prompt_logprobs(logits: torch.Tensor, tokens: list[int]) -> TopTokens:
-        """Logprob of each prompt token given the ones before it (NaN for the first)."""
-        n = logits.shape[0]  # one row per prompt token
-        targets = torch.tensor(tokens[1:n], device=logits.device)
-        lp = torch.log_softmax(logits[: n - 1].float(), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
-        return TopTokens(ids=tuple(tokens[:n]), logprobs=(float("nan"), *lp.tolist()))
-
-
-def _with_prefill(g: Generation, p: TopTokens) -> Generation:
-    from dataclasses import replace
-
-    return replace(g, prefill_tokens=p)

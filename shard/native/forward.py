@@ -30,6 +30,9 @@ class ForwardBatch:
     is_prefill: bool
     max_seqlen_q: int  # max new tokens of one sequence (1 for decode)
     max_seqlen_k: int  # max of seq_lens
+    # Mixed batches (prefill steps only): the first num_decode sequences are running ones taking
+    # their next decode step, one new token each, so backends may give them the decode kernel.
+    num_decode: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +54,7 @@ class AttentionMetadata:
     is_prefill: bool
     max_seqlen_q: int
     max_seqlen_k: int
+    num_decode: int = 0  # ForwardBatch.num_decode
     # Tensors a backend derives from the fields above once per step and reuses in every layer
     # (e.g. the reference backend's gather index and length mask); lives as long as this step.
     derived: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -65,4 +69,5 @@ class AttentionMetadata:
             is_prefill=batch.is_prefill,
             max_seqlen_q=batch.max_seqlen_q,
             max_seqlen_k=batch.max_seqlen_k,
+            num_decode=batch.num_decode,
         )

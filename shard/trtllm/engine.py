@@ -157,6 +157,7 @@ class TrtllmEngine:
             max_batch_size=config.max_batch_size,
             version=host.trtllm_version,
             abort=abort,
+            scheduler_policy=config.scheduler_policy,
         )
         bridge = None
         if dist.rank == 0:

@@ -138,9 +138,12 @@ def check_engine(
 
 
 def executor_config(
-    trtllm: Any, engine: EngineConfig, *, kv_cache_fraction: float, max_batch_size: int
+    trtllm: Any, engine: EngineConfig, *, kv_cache_fraction: float, max_batch_size: int,
+    scheduler_policy: str = "auto",
 ) -> tuple[Any, bool]:
-    """The ExecutorConfig (leader mode over MPI) and whether KV block reuse is on.
+    """The ExecutorConfig (leader mode over MPI) and whether KV block reuse is on. scheduler_policy
+    (--scheduler-policy): max_utilization or guaranteed_no_evict; auto keeps GUARANTEED_NO_EVICT,
+    TensorRT-LLM's own default.
 
     Every setting whose default changed between 0.16 and 1.2 is set explicitly. Block reuse needs
     an engine built with paged context FMHA (trtllm-build --use_paged_context_fmha enable); the
@@ -150,9 +153,11 @@ def executor_config(
     if not reuse:
         log.info("KV block reuse off: the engine was built without use_paged_context_fmha")
     kv = trtllm.KvCacheConfig(free_gpu_memory_fraction=kv_cache_fraction, enable_block_reuse=reuse)
+    policies = trtllm.CapacitySchedulerPolicy
+    policy = policies.MAX_UTILIZATION if scheduler_policy == "max_utilization" else policies.GUARANTEED_NO_EVICT
     config = trtllm.ExecutorConfig(
         max_beam_width=1,
-        scheduler_config=trtllm.SchedulerConfig(trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
+        scheduler_config=trtllm.SchedulerConfig(policy),
         kv_cache_config=kv,
         enable_chunked_context=engine.limits.chunked_context,
     )
@@ -179,11 +184,13 @@ def construct_executor(
     max_batch_size: int,
     version: str | None,
     abort: Abort | None,
+    scheduler_policy: str = "auto",
 ) -> tuple[Any, bool]:
     """(Executor, block reuse on); a failure here refuses with advice on every rank."""
     try:
         config, reuse = executor_config(
-            trtllm, engine, kv_cache_fraction=kv_cache_fraction, max_batch_size=max_batch_size
+            trtllm, engine, kv_cache_fraction=kv_cache_fraction, max_batch_size=max_batch_size,
+            scheduler_policy=scheduler_policy,
         )
         return trtllm.Executor(str(engine.engine_dir), trtllm.ModelType.DECODER_ONLY, config), reuse
     except Exception as e:

@@ -274,6 +274,8 @@ class TritonAttention:
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, config=self.decode_config
             )
+        if meta.num_decode:
+            return self._mixed(q, k_cache, v_cache, meta, scale)
         one_seq_no_prefix = meta.seq_lens.shape[0] == 1 and meta.max_seqlen_k == meta.max_seqlen_q
         if self.dense_prefill and meta.is_prefill and one_seq_no_prefix and q.shape[0] == meta.max_seqlen_q:
             return dense_causal_prefill(q, k, v, scale)
@@ -281,5 +283,26 @@ class TritonAttention:
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q, scale,
             config=self.prefill_config,
         )  # fmt: skip
+
+    def _mixed(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """A mixed batch: rows [0, n) are n decode rows, the rest prefill chunks. The prefill kernel
+        alone would give each decode row a BLOCK_M-row query tile over its whole context (BLOCK_M
+        times the FLOPs); the decode kernel reads that context once for the G query heads."""
+        n = meta.num_decode
+        out = torch.empty_like(q)
+        paged_decode_attention(
+            q[:n], k_cache, v_cache, meta.block_tables[:n], meta.seq_lens[:n], scale,
+            config=self.decode_config, out=out[:n],
+        )  # fmt: skip
+        if q.shape[0] > n:
+            if "prefill_cu" not in meta.derived:  # once per step, shared by every layer
+                meta.derived["prefill_cu"] = meta.cu_seqlens_q[n:] - n
+            paged_prefill_attention(
+                q[n:], k_cache, v_cache, meta.block_tables[n:], meta.seq_lens[n:], meta.derived["prefill_cu"],
+                meta.max_seqlen_q, scale, config=self.prefill_config, out=out[n:],
+            )  # fmt: skip
+        return out
 
     __call__ = forward
