@@ -102,6 +102,27 @@ def run(num_blocks: int, max_batch_size: int | None, new_tokens: tuple[int, int]
     return asyncio.run(main())
 
 
+def run_late_join(client: CountingClient, *, mixed: bool = False) -> None:
+    """A 30-token request, then a 3-token one once the first decode call ran, under a queue rule
+    (TGI's) that keeps the late one waiting until 12 tokens have been generated since the last
+    prefill (waiting/running never reaches the ratio 10)."""
+
+    async def main() -> list[int]:
+        sched = scheduler(client, num_blocks=100, max_batch_size=None, ratio=10.0, max_waiting=12, mixed=mixed)
+        sched.start()
+        try:
+            long = sched.submit(request(1, 30))
+            await asyncio.sleep(0)  # the loop picks it up and decodes
+            while not client.decode_steps:
+                await asyncio.sleep(0)
+            late = sched.submit(request(100, 3))
+            return await asyncio.wait_for(asyncio.gather(drain(long), drain(late)), 30)
+        finally:
+            await sched.stop()
+
+    assert asyncio.run(main()) == [30, 3]
+
+
 def test_a_full_batch_keeps_multi_step_calls() -> None:
     # Batch of one: the second request waits for the first to finish, so single steps would gain
     # nothing. 9 tokens = 1 from prefill + 8 from two 4-step calls, for each request in turn.
@@ -115,23 +136,9 @@ def test_a_waiting_request_that_could_join_gets_single_steps() -> None:
     # Room for any number. The queue rule (TGI's) lets a late request wait until 12 tokens have been
     # generated since the last prefill (waiting/running never reaches the ratio 10): the calls while
     # it waits are single steps, so it joins as soon as the rule allows.
-    async def main() -> list[int]:
-        client = CountingClient()
-        sched = scheduler(client, num_blocks=100, max_batch_size=None, ratio=10.0, max_waiting=12)
-        sched.start()
-        try:
-            long = sched.submit(request(1, 30))
-            await asyncio.sleep(0)  # the loop picks it up and decodes
-            while not client.decode_steps:
-                await asyncio.sleep(0)
-            late = sched.submit(request(100, 3))
-            counts = await asyncio.wait_for(asyncio.gather(drain(long), drain(late)), 30)
-        finally:
-            await sched.stop()
-        assert counts == [30, 3]
-        return client.decode_steps
-
-    steps = asyncio.run(main())
+    client = CountingClient()
+    run_late_join(client)
+    steps = client.decode_steps
     first_single = steps.index(1)
     assert steps[0] == 4 and first_single <= 2, steps  # alone: 4 steps per call
     singles = steps[first_single:].index(2) if 2 in steps[first_single:] else steps[first_single:].index(4)
@@ -251,22 +258,8 @@ def test_a_late_request_joins_through_a_mixed_prefill() -> None:
     # TGI's queue rule would keep the late request waiting for 12 tokens (ratio 10, max_waiting 12,
     # as in the single-step test above). A mixed prefill stalls nobody, so it joins at the next call,
     # and the running request's step rides in it: no single-step calls at all.
-    async def main() -> MixedClient:
-        client = MixedClient()
-        sched = scheduler(client, num_blocks=100, max_batch_size=None, ratio=10.0, max_waiting=12, mixed=True)
-        sched.start()
-        try:
-            long = sched.submit(request(1, 30))
-            while not client.decode_steps:
-                await asyncio.sleep(0)
-            late = sched.submit(request(100, 3))
-            counts = await asyncio.wait_for(asyncio.gather(drain(long), drain(late)), 30)
-        finally:
-            await sched.stop()
-        assert counts == [30, 3]
-        return client
-
-    client = asyncio.run(main())
+    client = MixedClient()
+    run_late_join(client, mixed=True)
     assert client.calls[0] == ("prefill", 1, False)  # nothing ran yet: a plain prefill
     assert ("prefill", 1, True) in client.calls, client.calls
     late_at = client.calls.index(("prefill", 1, True))
