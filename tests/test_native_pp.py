@@ -33,7 +33,7 @@ from tests.native_helpers import perturbed_state_dict, save_hf_model, tiny_confi
 
 BS = 4
 CPU = torch.device("cpu")
-GREEDY_NEW = {1: 8, 2: 6}  # request id -> max_new_tokens, greedy with EOS ignored
+GREEDY_NEW = {1: 8, 2: 6, 5: 5}  # request id -> max_new_tokens, greedy with EOS ignored
 SAMPLED_ID, STOP_ID = 3, 4
 
 
@@ -44,7 +44,7 @@ def shard_config(folder: str, *, tp: int, pp: int) -> ShardConfig:
 
 def prompts() -> dict[int, list[int]]:
     g = torch.Generator().manual_seed(0)
-    return {rid: torch.randint(3, 290, (n,), generator=g).tolist() for rid, n in ((1, 5), (2, 17), (3, 9), (4, 11))}
+    return {rid: torch.randint(3, 290, (n,), generator=g).tolist() for rid, n in ((1, 5), (2, 17), (3, 9), (4, 11), (5, 7))}
 
 
 def new_request(rid: int, prompt: list[int], first_block: int, *, stop_token: int | None = None) -> NewRequest:
@@ -71,13 +71,16 @@ def gen_record(g) -> dict:
 
 
 def run_script(engine: NativeEngine, stop_token: int) -> dict:
-    """Prefill three requests, decode (3 steps a call), let a fourth join, decode to the end."""
+    """Prefill three requests, decode (3 steps a call), let a fourth join, then a fifth through a
+    mixed prefill (the running four take their step in its forward), decode to the end."""
     ps = prompts()
     warm = engine.warmup(WarmupSpec(max_input_tokens=32, max_total_tokens=64, max_batch_prefill_tokens=128,
                                      max_batch_size=8))
     calls = [engine.prefill([new_request(rid, ps[rid], 16 * (rid - 1)) for rid in (1, 2, 3)]).generations]
     calls.append(engine.decode({}, 3).generations)
     calls.append(engine.prefill([new_request(STOP_ID, ps[STOP_ID], 48, stop_token=stop_token)]).generations)
+    mixed = engine.prefill([new_request(5, ps[5], 64)], decode_running={})
+    calls.append(mixed.decode_generations + mixed.generations)
     while engine.seqs:
         calls.append(engine.decode({}, 3).generations)
     info = engine.info()
