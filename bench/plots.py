@@ -112,12 +112,12 @@ def summary_rows(data: dict[str, Any]) -> list[list[Any]]:
                     f"{b['decode_step_ms']['p50']:.2f}/{b['decode_step_ms']['p99']:.2f}",
                 ]
             )
-    elif kind == "serve":
+    elif kind in ("serve", "sched"):  # sched: the same plan through the scheduler alone, no HTTP
         for lv in data["levels"]:
             case = f"{lv['preset']} c={lv['concurrency']}"
-            rows.append(["serve", case, "out tok/s", lv["output_throughput"]])
+            rows.append([kind, case, "out tok/s", lv["output_throughput"]])
             rows.append(
-                ["serve", case, "TTFT/TPOT p50 ms", f"{lv['ttft_ms']['p50']:.1f}/{lv['tpot_ms']['p50']:.2f}"]
+                [kind, case, "TTFT/TPOT p50 ms", f"{lv['ttft_ms']['p50']:.1f}/{lv['tpot_ms']['p50']:.2f}"]
             )
     elif kind == "hf_baseline":
         for r in data["batches"] + data["presets"]:
@@ -136,6 +136,24 @@ def summary_rows(data: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def http_over_sched(datas: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """HTTP output tok/s over the scheduler-only figure of the same preset and concurrency (a serve
+    and a sched file of one run): what the HTTP server and the text work cost at that load."""
+
+    def levels(kind: str) -> dict[tuple[str, Any], float]:
+        return {
+            (lv["preset"], lv["concurrency"]): lv["output_throughput"]
+            for d in datas if d.get("benchmark") == kind for lv in d["levels"]
+        }  # fmt: skip
+
+    serve, sched = levels("serve"), levels("sched")
+    return [
+        ["http/sched", f"{preset} c={conc}", "HTTP / no-HTTP", f"{serve[(preset, conc)] / tok_s:.1%}"]
+        for (preset, conc), tok_s in sched.items()
+        if (preset, conc) in serve and tok_s > 0
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+")
@@ -149,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             print(f"skipping {f}: {e}")
     rows = [r for _, d in datas for r in summary_rows(d)]
+    rows += http_over_sched([d for _, d in datas])
     print(
         format_table(
             ["bench", "case", "metric", "value"],

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command (one device call, ~9 minutes on one H100 in quick mode):
-#   bandwidth ceiling -> engine micro-benchmark over gRPC -> HTTP serving presets -> HF baseline
-#   -> plots -> a compact summary table (printed last).
+#   bandwidth ceiling -> engine micro-benchmark over gRPC -> HTTP serving presets -> the same plan
+#   through the router's scheduler without HTTP (sched) -> HF baseline -> plots -> a compact summary
+#   table (printed last).
 #
-#   bench/run_gpu.sh [quick|full|smoke]
+#   bench/run_gpu.sh [quick|full|matrix|smoke]
+#
+# matrix: the whole serving matrix (4 presets x concurrency 1, 16, 64, unlimited) through HTTP and
+# through the scheduler alone, ~8 min on one H100; STAGES="serve sched" for those two only (the
+# other stages then fit a second call).
 #
 # Environment (all optional):
 #   OUT        where results go (the device tool sets it; default bench/results/gpu-<date>)
@@ -14,7 +19,7 @@
 #              `.venv/bin/python -m bench.serve_bench --save-tokenizer .bench-tokenizer` (SmolLM2's
 #              tokenizer: its 49152 ids are all valid for a 128256-token model) and carry it
 #   DTYPE      bfloat16 (default) | float16 | float32
-#   STAGES     subset of "bw engine serve hf" (default all); PY (default python3)
+#   STAGES     subset of "bw engine serve sched hf" (default all but sched); PY (default python3)
 # Needs on the device: generated stubs (make stubs here, carried), and the wheels the router needs
 # (fastapi, uvicorn, pydantic, starlette, gguf) on PYTHONPATH. Each stage has its own time limit and
 # writes its JSON as it goes, so a stage cut short still leaves what it finished.
@@ -50,6 +55,13 @@ case $MODE in
     ENGINE_ARGS=(--batch-sizes 1,2,4,8,16,32,64,128,256 --input-len 128 --decode-steps 128 --prefill-lens 128,1024,2048 --runs 3)
     SERVE_PLAN=("128/128,1024/128,2048/128|1,16,64,inf|16,64,256,512" "1000/1000|1,16,64,inf|4,32,128,256")
     HF_ARGS=(--batch-sizes 1,4,16,64,128 --input-len 128 --output-len 128 --presets 128/128,1024/128,2048/128,1000/1000 --preset-batches 1,16,64 --runs 3)
+    ;;
+  matrix)
+    T_BW=40 T_ENGINE=150 T_SERVE=290 T_HF=150
+    ENGINE_ARGS=(--batch-sizes 1,16,64,256 --input-len 128 --decode-steps 64 --prefill-lens 1024 --runs 2)
+    SERVE_PLAN=("128/128|1,16,64,inf|4,32,128,512" "1024/128,2048/128|1,16,64,inf|4,32,128,256"
+                "1000/1000|1,16,64,inf|2,16,64,256")
+    HF_ARGS=(--batch-sizes 1,16,64 --input-len 128 --output-len 128 --presets 1024/128,2048/128 --preset-batches 16 --runs 2)
     ;;
   smoke)  # seconds on a CPU with MODEL=llama-tiny DTYPE=float32: checks this script, measures nothing
     T_BW=60 T_ENGINE=120 T_SERVE=240 T_HF=120
@@ -91,6 +103,13 @@ if has serve; then
     stage serve "$T_SERVE" $PY -m bench.serve_bench --launch="$LAUNCH" --tokenizer "$TOKENIZER" \
       --plan "${SERVE_PLAN[@]}" --out "$OUT/serve.json"
   fi
+fi
+
+if has sched; then  # the serving plan again, through the router's scheduler in-process (no HTTP)
+  stage sched "$T_SERVE" $PY -m bench.sched_bench --launch --num-shard "$NUM_SHARD" \
+    --shard-args "--model-id $MODEL --load-format dummy --dtype $DTYPE --max-input-tokens 2048 --max-total-tokens 4096" \
+    --router-args "--tokenizer-name $TOKENIZER --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192 --max-concurrent-requests 1024 ${ROUTER_ARGS:-}" \
+    --plan "${SERVE_PLAN[@]}" --out "$OUT/sched.json"
 fi
 
 has hf && stage hf "$T_HF" $PY -m bench.hf_baseline --model "$MODEL" --dtype "$DTYPE" "${HF_ARGS[@]}" --out "$OUT/hf.json"

@@ -2,7 +2,7 @@
 # Mixed prefill/decode batches and the KV admission policy, A/B at max load on one GPU, each config
 # its own server in the same device call (cap 512): off (the defaults: prefills apart, max_utilization
 # admission), on (--mixed-batches), reserve (mixed + guaranteed_no_evict), reserve-off
-# (guaranteed_no_evict alone).
+# (guaranteed_no_evict alone), stepsN (--max-decode-steps N).
 #   OUT=bench/results/NAME PRESETS="2048/128|inf|256" CONFIGS="off on" bench/run_mixed_ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,7 @@ for cfg in $CONFIGS; do
     on) extra="--mixed-batches" ;;
     reserve) extra="--mixed-batches --scheduler-policy guaranteed_no_evict" ;;
     reserve-off) extra="--scheduler-policy guaranteed_no_evict" ;;
+    steps[0-9]*) extra="--max-decode-steps ${cfg#steps}" ;;  # e.g. steps8: decode steps per call
     *) echo "unknown config $cfg"; exit 2 ;;
   esac
   ML="--model-id shard/native/configs/llama-3.1-8b.json --load-format dummy --dtype bfloat16 --tokenizer-name $TOK"

@@ -281,6 +281,11 @@ def server_counters(base_url: str) -> dict[str, float]:
             text = r.read().decode()
     except Exception:
         return {}
+    return parse_counters(text)
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """server_counters' values from a Prometheus text exposition."""
     out = {}
     for line in text.splitlines():
         name, _, rest = line.partition("{")

@@ -268,6 +268,40 @@ def test_engine_bench_against_a_real_shard(tmp_path):
     assert data["prefill"][0]["input_len"] == 32 and data["prefill"][0]["prefill_ms"]["n"] == 1
 
 
+def test_sched_bench_runs_the_router_scheduler_against_a_real_shard(tmp_path):
+    from bench.sched_bench import main
+    from launcher.embedded import embedded_model_path
+
+    out = tmp_path / "sched.json"
+    router = f"--tokenizer-name {embedded_model_path()} --max-input-tokens 64 --max-total-tokens 128"
+    router += " --max-concurrent-requests 4"
+    rc = main(
+        ["--launch", "--shard-args", "--model-id llama-tiny --load-format dummy --dtype float32",
+         "--router-args", router, "--plan", "24/6|1,inf|2,6", "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert (
+        data["benchmark"] == "sched" and "max_concurrent_requests': 4" in data["server_info"]["router_config"]
+    )
+    one, burst = data["levels"]
+    assert (one["concurrency"], one["completed"], one["failed"]) == (1, 2, 0)
+    assert one["output_tokens"] == 12 and one["exact_output_fraction"] == 1.0
+    assert one["finish_reasons"] == {"length": 2}
+    # all 6 at once against a limit of 4 in flight: 2 are refused, as HTTP's 429 would be
+    assert (burst["completed"], burst["failed"]) == (4, 2) and burst["errors"][0].startswith("overloaded")
+    counters = burst["server_counters"]
+    assert (
+        counters["tgi_batch_inference_count/prefill"] >= 1
+        and counters["tgi_batch_inference_count/decode"] >= 1
+    )
+    assert (
+        0
+        < counters["tgi_batch_forward_duration_sum/decode"]
+        <= counters["tgi_batch_inference_duration_sum/decode"]
+    )
+
+
 def test_hf_baseline_uses_the_engine_dummy_weights_and_times_every_step():
     import torch
 
