@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +178,16 @@ def test_graphs_match_eager_decode(llama8b_4layers):
     eager = greedy(make_engine(model, mc, graphs=False), prompts, 12)
     graphed = greedy(make_engine(model, mc, graphs=True), prompts, 12)
     assert graphed == eager
+
+
+def test_serving_shapes_compile_nothing_after_warmup():
+    """After warmup, no batch composition serving meets may compile a Triton kernel on the request
+    path (a new specialization costs ~1-2 s, or a disk-cache load). A fresh process, so kernels
+    compiled by the tests above cannot hide a gap in warmup (tests/gpu_jit_probe.py)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.gpu_jit_probe", "2"],
+        capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["events"] == [], f"compiled after warmup (kernel, disk cache hit, -, case): {result['events']}"
