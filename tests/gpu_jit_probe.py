@@ -8,7 +8,8 @@ it up as the shard does, then listens to Triton's compilations (knobs.compilatio
 on every in-process cache miss, whether the on-disk cache then has the kernel or not) while it
 serves batches of the shapes serving meets: prefills of 1..33 sequences and assorted lengths,
 with and without a cached prefix, decode at many batch sizes, multi-step and mixed calls, sampled
-and greedy rows. Prints one JSON object: {"events": [[kernel, cache_hit, seconds, case], ...]}.
+and greedy rows. Prints one JSON object: {"events": [[kernel, cache_hit, specialization, case],
+...], "warmup": the same for what warmup compiled, "seconds_per_case": {...}}.
 
 Why: a new specialization compiles on the request path. Triton specializes integer arguments
 that are 1 or multiples of 16 (and pointers by alignment), so a batch of exactly 16 prompts can
@@ -46,7 +47,7 @@ def build(num_layers: int) -> NativeEngine:
                            load_format="dummy", attention=get_attention_backend("triton"), seed=0)  # fmt: skip
     eng = NativeEngine(
         model=model, model_config=mc, device=cuda, dtype=torch.bfloat16,
-        options=RuntimeOptions(model_id="jit-probe", block_size=BS, kv_cache_tokens=1 << 16, cuda_graphs=True),
+        options=RuntimeOptions(model_id="jit-probe", block_size=BS, cuda_graphs=True),  # KV sized as served
     )  # fmt: skip
     eng.warmup(WarmupSpec(max_input_tokens=2048, max_total_tokens=4096, max_batch_prefill_tokens=8192,
                           max_batch_size=256))  # fmt: skip
@@ -136,22 +137,28 @@ def main() -> int:
     import triton
 
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-    eng = build(layers)
-    reqs = Requests()
-    events: list[list] = []
+    events: list[list] = []  # after warmup
+    warmup: list[list] = []  # what warmup compiled, with its specializations (for a failure's message)
     current = ["warmup"]
 
     def listener(*, src, metadata, metadata_group, times, cache_hit) -> None:
-        events.append([getattr(src, "name", repr(src)), bool(cache_hit), None, current[0]])
+        # attrs: the specialization (e.g. {(3,): [['tt.divisibility', 16]]}: argument 3 is a
+        # multiple of 16), the part of the cache key that a new batch shape changes
+        spec = f"{getattr(src, 'signature', '')} {getattr(src, 'attrs', '')}"
+        (warmup if current[0] == "warmup" else events).append(
+            [getattr(src, "name", repr(src)), bool(cache_hit), spec, current[0]]
+        )
 
     triton.knobs.compilation.listener = listener
+    eng = build(layers)
+    reqs = Requests()
     timings = {}
     for name, thunk in cases(eng, reqs):
         current[0] = name
         t0 = time.perf_counter()
         thunk()
         timings[name] = round(time.perf_counter() - t0, 3)
-    print(json.dumps({"events": events, "seconds_per_case": timings}))
+    print(json.dumps({"events": events, "seconds_per_case": timings, "warmup": warmup}, default=repr))
     return 0
 
 

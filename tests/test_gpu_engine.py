@@ -190,4 +190,7 @@ def test_serving_shapes_compile_nothing_after_warmup():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["events"] == [], f"compiled after warmup (kernel, disk cache hit, -, case): {result['events']}"
+    assert result["events"] == [], (
+        f"compiled after warmup (kernel, disk cache hit, specialization, case): {result['events']}; "
+        f"warmup compiled {result['warmup']}"
+    )

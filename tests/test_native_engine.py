@@ -349,19 +349,28 @@ def test_a_request_that_ended_in_a_carried_step_may_still_get_blocks(models):
     assert [t for t, _ in got[2]] == hf_greedy(hf, pb, 3)
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 400])
-def test_warmup_kernel_preload_runs_a_two_sequence_prefill(models, tokens):
+@pytest.mark.parametrize(
+    "tokens, rows",
+    [
+        (1, [2]),  # too short for the 16-row and mixed batches
+        (5, [2, 3, 1]),
+        (400, [2, 16, 3, 1, 1, 1]),  # + one sequence of 1, 16 and 128 tokens (1024 > 400)
+    ],
+)
+def test_warmup_kernel_preload_runs_the_serving_batch_shapes(models, tokens, rows):
     # On CUDA, memory._plan_cuda runs this before measuring free memory (the kernels' first launch
-    # must not come after the KV cache took its share); the batch logic is device-independent.
+    # must not come after the KV cache took its share, nor compile on the request path); the batch
+    # logic is device-independent.
     from shard.native.kv_cache import KVCache
     from shard.native.memory import _load_serving_kernels
 
     eng = make_engine(models)
-    scratch = KVCache.allocate(num_layers=len(eng.model.layers), num_blocks=2, block_size=eng.block_size,
+    blocks = max(16, -(-(tokens + 1) // eng.block_size))  # as _plan_cuda sizes its scratch cache
+    scratch = KVCache.allocate(num_layers=len(eng.model.layers), num_blocks=blocks, block_size=eng.block_size,
                                num_kv_heads=eng.model.num_local_kv_heads, head_dim=eng.mc.head_dim,
                                dtype=torch.float32, device=torch.device("cpu"))  # fmt: skip
     seen = []
     eng.sampler.warm_up = seen.append  # the logits the sampler would load its kernel on
     _load_serving_kernels(eng, scratch, [1 + i % (eng.mc.vocab_size - 1) for i in range(tokens)])
-    assert len(seen) == 1 and seen[0].shape == (2, eng.mc.vocab_size)
-    assert torch.isfinite(seen[0]).all()
+    assert [x.shape for x in seen] == [(r, eng.mc.vocab_size) for r in rows]
+    assert all(torch.isfinite(x).all() for x in seen)

@@ -71,27 +71,47 @@ def graph_output_bytes(max_batch: int, vocab_size: int) -> int:
 
 
 def _load_serving_kernels(engine: NativeEngine, scratch, ids: list[int]) -> None:
-    """Runs the kernels serving uses that the warmup prefill did not, before free memory is
-    measured. A kernel's first launch loads its module and can reserve local memory; after the KV
-    cache has taken its share that failed with CUDA out-of-memory (fp32 Llama-3.1-8B shapes: the
-    paged prefill kernel, which the one-sequence warmup prefill does not launch). It also keeps
-    Triton's compile time out of the first request. Same calls on every rank (pipeline stages pass
-    hidden states inside the model)."""
+    """Runs the kernels and kernel variants serving uses that the warmup prefill did not, before
+    free memory is measured. A kernel's first launch loads its module and can reserve local memory;
+    after the KV cache has taken its share that failed with CUDA out-of-memory (fp32 Llama-3.1-8B
+    shapes: the paged prefill kernel, which the one-sequence warmup prefill does not launch). It
+    also keeps compiling and module loading off the request path: a batch shape first seen in
+    serving stalled its prefill for ~2 s on an H100 (tests/gpu_jit_probe.py checks that no batch
+    shape compiles anything after warmup). Same calls on every rank (pipeline stages pass hidden
+    states inside the model)."""
     from shard.native.batch import build_prefill
 
     bs = engine.block_size
     n = max(1, min(bs - 1, len(ids) // 2))
-    two = build_prefill(  # two sequences: the varlen paged prefill kernel
-        new_tokens=[ids[:n], ids[-n:]],
-        prefix_lens=[0, 0],
-        block_tables=[[0], [1]],
-        all_logits=[False, False],
-        block_size=bs,
-        device=engine.device,
-    )
-    logits = engine.model(two, scratch)
-    if engine.is_last_stage and logits is not None:
-        engine.sampler.warm_up(logits)
+
+    def run(new_tokens, prefix_lens, num_decode: int = 0) -> None:
+        batch = build_prefill(
+            new_tokens=new_tokens,
+            prefix_lens=prefix_lens,
+            # scratch blocks (their content is irrelevant): one per sequence of a batch, enough for
+            # a lone sequence
+            block_tables=(
+                [[i] for i in range(len(new_tokens))]
+                if len(new_tokens) > 1
+                else [list(range(-(-(len(new_tokens[0]) + 1) // bs)))]
+            ),
+            all_logits=[False] * len(new_tokens),
+            block_size=bs,
+            device=engine.device,
+            num_decode=num_decode,
+        )
+        logits = engine.model(batch, scratch)
+        if engine.is_last_stage and logits is not None:
+            engine.sampler.warm_up(logits)  # the greedy kernel at this many rows
+
+    run([ids[:n], ids[-n:]], [0, 0])  # two sequences: the varlen paged prefill kernel
+    if len(ids) >= 16:  # 16 logits rows: the decode matmul's multiple-of-16 variant for the head
+        run([[t] for t in ids[:16]], [0] * 16)
+    if len(ids) >= 2:  # a mixed batch: two decode rows (the decode kernel outside the graphs), a prompt
+        run([ids[:1], ids[1:2], ids[:n]], [1, 1, 0], num_decode=2)
+    for length in (1, 16, 128, 1024):  # one sequence of each size class: the GEMMs' kernels load
+        if length < len(ids):
+            run([ids[:length]], [0])
 
 
 @torch.inference_mode()
@@ -101,7 +121,7 @@ def _plan_cuda(*, engine: NativeEngine, spec: WarmupSpec, bytes_per_block: int, 
 
     mc, bs = engine.mc, engine.block_size
     tokens = max(1, min(spec.max_batch_prefill_tokens, 32768))
-    scratch_blocks = max(2, math.ceil((tokens + 1) / bs))
+    scratch_blocks = max(16, math.ceil((tokens + 1) / bs))  # _load_serving_kernels uses 16
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(engine.device)
     scratch = KVCache.allocate(

@@ -12,8 +12,25 @@ log-sum-exp that split-K partials carry is in base 2 as well.
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
+
+
+def _jit_unspecialized(*names: str):
+    """triton.jit that keeps `names` out of the kernel's specialization key. Triton compiles a new
+    variant when an integer argument becomes 1 or a multiple of 16, or a pointer's 16-byte
+    alignment changes. The arguments named here change with the batch (a block table's width, the
+    split count, metadata tensors that are views into a mixed batch's rows), so each batch shape
+    could compile on the request path: ~1-2 s on an H100 (tests/gpu_jit_probe.py). They only
+    index small metadata, so the specialization buys nothing. Tensors that carry the data (q, k,
+    v, out) and model-constant strides stay specialized."""
+    params = inspect.signature(triton.jit).parameters
+    kw = {"do_not_specialize": list(names)}
+    if "do_not_specialize_on_alignment" in params:
+        kw["do_not_specialize_on_alignment"] = list(names)
+    return triton.jit(**kw)
 
 # Finite "minus infinity" for running maxima: exp2(m_old - m_new) stays 1 (not NaN) while a row has
 # seen only masked scores, and exp2(-inf - m) is still exactly 0 for masked scores.
@@ -62,7 +79,7 @@ def store_kv_kernel(
     tl.store(vc + offs_h[:, None] * stride_vch + offs_d[None, :], v, mask=mask)
 
 
-@triton.jit
+@_jit_unspecialized("block_tables_ptr", "seq_lens_ptr", "num_splits", "stride_bt")
 def decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -153,7 +170,7 @@ def decode_kernel(
         tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=mask_g)
 
 
-@triton.jit
+@_jit_unspecialized("seq_lens_ptr", "num_splits")
 def decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
@@ -248,7 +265,7 @@ def _prefill_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@_jit_unspecialized("block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr", "stride_bt")
 def prefill_kernel(
     q_ptr,
     k_cache_ptr,
