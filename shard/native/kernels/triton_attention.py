@@ -174,7 +174,9 @@ def paged_decode_attention(
     if not direct:
         kern.decode_reduce_kernel[(b, hq)](
             part_out, part_lse, seq_lens, out, num_splits, out.stride(0), out.stride(1),
-            D=d, BLOCK_N=config.block_n, SPLITS_PAD=_next_pow2(num_splits), num_warps=4,
+            # one pad for every split count up to the config's: a count first seen in serving (an
+            # eager mixed batch's) would otherwise compile a new variant on the request path
+            D=d, BLOCK_N=config.block_n, SPLITS_PAD=_next_pow2(max(num_splits, config.max_splits)), num_warps=4,
         )  # fmt: skip
     return out
 
