@@ -27,13 +27,12 @@ from typing import Any
 from bench.common import (
     RequestRecord,
     exit_on_sigterm,
-    format_table,
     machine_facts,
     results_path,
     write_results,
 )
 from bench.engine_bench import launched_shards
-from bench.serve_bench import level_result, num_prompts_for, parse_counters, plan
+from bench.serve_bench import level_result, levels_table, num_prompts_for, parse_counters, plan
 from router.backend import Backend
 from router.config import parse_args as parse_router_args
 from router.errors import OverloadedError
@@ -177,24 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         results, info = asyncio.run(run_benchmark(url, args, save))
     path = save(results, info)
-    print(
-        format_table(
-            ["preset", "conc", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p99"],
-            [
-                [
-                    r["preset"],
-                    r["concurrency"],
-                    r["request_throughput"],
-                    r["output_throughput"],
-                    r["ttft_ms"]["p50"],
-                    r["ttft_ms"]["p99"],
-                    r["tpot_ms"]["p50"],
-                    r["itl_ms"]["p99"],
-                ]
-                for r in results
-            ],
-        )  # fmt: skip
-    )
+    print(levels_table(results))
     print(f"latencies in ms; wrote {path}")
     return 0
 

@@ -354,6 +354,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def levels_table(results: list[dict[str, Any]]) -> str:
+    """The per-level summary table (serve_bench's and sched_bench's)."""
+    headers = ["preset", "conc", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p50", "ITL p99"]
+    rows = [
+        [r["preset"], r["concurrency"], r["request_throughput"], r["output_throughput"], r["ttft_ms"]["p50"],
+         r["ttft_ms"]["p99"], r["tpot_ms"]["p50"], r["itl_ms"]["p50"], r["itl_ms"]["p99"], r["exact_output_fraction"]]
+        for r in results
+    ]  # fmt: skip
+    return format_table([*headers, "exact out"], rows)  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from router.tokenizer import load_tokenizer
 
@@ -396,37 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         results = asyncio.run(run_benchmark(base_url, tok, args, save))
     path = save(results)
-    print(
-        format_table(
-            [
-                "preset",
-                "conc",
-                "req/s",
-                "out tok/s",
-                "TTFT p50",
-                "TTFT p99",
-                "TPOT p50",
-                "ITL p50",
-                "ITL p99",
-                "exact out",
-            ],
-            [
-                [
-                    r["preset"],
-                    r["concurrency"],
-                    r["request_throughput"],
-                    r["output_throughput"],
-                    r["ttft_ms"]["p50"],
-                    r["ttft_ms"]["p99"],
-                    r["tpot_ms"]["p50"],
-                    r["itl_ms"]["p50"],
-                    r["itl_ms"]["p99"],
-                    r["exact_output_fraction"],
-                ]
-                for r in results
-            ],
-        )
-    )
+    print(levels_table(results))
     print(f"latencies in ms; wrote {path}")
     return 0 if all(r["failed"] == 0 for r in results) else 1
 
