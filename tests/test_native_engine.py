@@ -326,6 +326,62 @@ def test_carried_step_survives_prefill_filter_and_extensions(models):
     assert got[3] == hf_greedy(hf, pc, 15)[: len(got[3])] and 0 < len(got[3]) < 15
 
 
+def test_block_extensions_go_into_the_running_batch_without_settling(models):
+    """A Decode's block extensions are written into the device batch's block table in place: the
+    carried step stays in flight (no _settle) and the batch is not rebuilt. A list wider than the
+    table's spare columns falls back to settle + rebuild. Tokens stay transformers' either way."""
+    from shard.native.decode_steps import TABLE_HEADROOM
+
+    hf = models[0]
+    g = torch.Generator().manual_seed(22)  # prompts whose 40 greedy tokens have no fp32 near-tie
+    pa, pb = (torch.randint(3, 290, (n,), generator=g).tolist() for n in (7, 12))
+    eng = make_engine(models, overlap=True)
+    blocks = Blocks(eng.kv.num_blocks - 1)
+    n_new = 40  # A grows through several blocks, one extension at a time
+    a = NewRequest(id=1, input_ids=tuple(pa), sampling=SamplingParams(),
+                   stopping=StoppingParams(max_new_tokens=n_new, ignore_eos_token=True),
+                   blocks=tuple(blocks.take(math.ceil((len(pa) + 6) / BS))))  # fmt: skip
+    got: dict[int, list[int]] = {1: [], 2: []}
+    settles = []
+    real_settle = eng._settle
+    eng._settle = lambda: (settles.append(eng._carried is not None), real_settle())  # type: ignore[method-assign]
+    for x in eng.prefill([a, req(2, pb, 30, blocks)]).generations:
+        got[x.request_id].append(x.token_id)
+    for x in eng.decode({}, 4).generations:
+        got[x.request_id].append(x.token_id)
+    in_place = 0
+    while eng.seqs:
+        seq = eng.seqs.get(1)
+        # what the router does: grow A to cover the next call's steps (+1 carried), a block at a time
+        need = 0 if seq is None else math.ceil((seq.kv_len + 4 + 2) / BS) - len(seq.blocks)
+        before, carried = eng._decode_batch, eng._carried is not None
+        ext = {1: blocks.take(need)} if need > 0 else {}
+        for x in eng.decode(ext, 4).generations:
+            got[x.request_id].append(x.token_id)
+        if ext and before is not None and carried:
+            in_place += 1
+            assert eng._decode_batch is before or 2 not in eng.seqs  # rebuilt only when B ended
+    assert in_place >= 2 and not any(settles), settles  # no extension settled a step in flight
+    assert got == {1: hf_greedy(hf, pa, n_new), 2: hf_greedy(hf, pb, 30)}
+
+    # An extension wider than the spare columns: settle, then rebuild with the longer list.
+    eng2 = make_engine(models, overlap=True)
+    blocks2 = Blocks(eng2.kv.num_blocks - 1)
+    c = NewRequest(id=3, input_ids=tuple(pa), sampling=SamplingParams(),
+                   stopping=StoppingParams(max_new_tokens=8, ignore_eos_token=True),
+                   blocks=tuple(blocks2.take(math.ceil((len(pa) + 6) / BS))))  # fmt: skip
+    out = [x.token_id for x in eng2.prefill([c]).generations]
+    out += [x.token_id for x in eng2.decode({}, 4).generations]
+    table = eng2._decode_batch
+    wide = eng2._decode_batch.block_tables.shape[1] - len(eng2.seqs[3].blocks) + 1
+    assert wide > TABLE_HEADROOM - 1
+    out += [x.token_id for x in eng2.decode({3: blocks2.take(wide)}, 4).generations]
+    assert eng2._decode_batch is not table  # rebuilt
+    while eng2.seqs:
+        out += [x.token_id for x in eng2.decode({}, 4).generations]
+    assert out == hf_greedy(hf, pa, 8)
+
+
 def test_a_request_that_ended_in_a_carried_step_may_still_get_blocks(models):
     """A ends inside the step carried over a Prefill; the router, not told yet, grows it at the
     next Decode: the extension is ignored and that Decode reports the end."""

@@ -84,12 +84,14 @@ class DecodeBatch:
         block_tables: Sequence[Sequence[int]],
         block_size: int,
         device: torch.device,
+        width: int = 0,
     ) -> None:
+        """width: columns of the block table (at least the longest list): room for set_block_rows."""
         b = len(last_tokens)
         self.block_size = block_size
         self.input_ids = torch.tensor(last_tokens, dtype=torch.int64, device=device)
         self.positions = torch.tensor(kv_lens, dtype=torch.int64, device=device)
-        width = max(len(t) for t in block_tables)
+        width = max(width, *(len(t) for t in block_tables))
         self.block_tables = torch.from_numpy(_pad_block_tables(block_tables, width)).to(device)
         self.cu_seqlens_q = torch.arange(b + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(b, dtype=torch.int64, device=device)
@@ -110,6 +112,20 @@ class DecodeBatch:
             max_seqlen_q=1,
             max_seqlen_k=self.max_kv + 1,
         )
+
+    def set_block_rows(self, rows: Sequence[int], tables: Sequence[Sequence[int]]) -> bool:
+        """Rewrites rows of the block table with longer block lists (a Decode's block extensions)
+        in place. A step still in flight is safe: the write is queued on the same stream, after it,
+        and it had room for its own K/V. False, with nothing written, when a list is wider than the
+        table."""
+        width = self.block_tables.shape[1]
+        if any(len(t) > width for t in tables):
+            return False
+        if rows:
+            device = self.block_tables.device
+            index = torch.tensor(rows, dtype=torch.int64, device=device)
+            self.block_tables.index_copy_(0, index, torch.from_numpy(_pad_block_tables(tables, width)).to(device))
+        return True
 
     def advance(self, sampled: torch.Tensor) -> None:
         """After a step: the sampled tokens become pending, every sequence grew by one."""

@@ -10,6 +10,7 @@ caches _decode_batch / _decode_rows / _sampling_batch (None = rebuild), and on _
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,10 @@ from shard.engine.types import (
 from shard.native.batch import DecodeBatch
 from shard.native.sampler import HostCopy, SampleOutput
 from shard.native.sampling_batch import SamplingBatch, SamplingRow
+
+# Spare block-table columns of a rebuilt decode batch: block extensions (each Decode grows a
+# sequence by at most max_steps + 1 tokens) fit in place until the next rebuild.
+TABLE_HEADROOM = 8
 
 
 @dataclass(eq=False)
@@ -71,8 +76,9 @@ class DecodeSteps:
 
         Carried step: the call's last launched step stays in flight when the call returns
         (_carried), so the GPU computes through the RPC turn-around (the router's work and the
-        next Decode on its way); the next call returns its tokens first. Anything else that needs
-        the host state first reads it (_settle): its tokens wait in _orphans for the next Decode.
+        next Decode on its way); the next call returns its tokens first. Block extensions go into
+        the device batch around it (_extend_in_flight); anything else that needs the host state
+        first reads it (_settle): its tokens wait in _orphans for the next Decode.
         Only a call where nobody ended carries; the router grows every sequence by max_steps + 1
         K/V slots (kv_planner.grow), which covers the carried step's.
 
@@ -114,6 +120,30 @@ class DecodeSteps:
             self._decode_batch = None  # somebody ended: the next call rebuilds
         return out, returned
 
+    def _extend_in_flight(self, extensions: dict[int, Sequence[int]]) -> bool:
+        """Block extensions without stopping the device: when every extended request is a row of
+        the current device batch (nobody left it) and the longer lists fit its block table, they
+        are written into it in place, and a carried step stays in flight. Otherwise nothing changes
+        and the caller settles and rebuilds (_settle, _extend). Under load most Decode calls carry
+        an extension (some row crosses a block boundary); settling and rebuilding the batch for
+        each of them left the GPU idle while the host rebuilt the batch."""
+        db = self._decode_batch
+        if db is None or self._orphans or len(self._decode_rows) != len(self.seqs):
+            return False
+        row_of = {s.id: i for i, s in enumerate(self._decode_rows)}
+        rows, tables = [], []
+        for rid, blocks in extensions.items():
+            seq, row = self.seqs.get(rid), row_of.get(rid)
+            if seq is None or row is None or self._decode_rows[row] is not seq:
+                return False
+            rows.append(row)
+            tables.append([*seq.blocks, *blocks])
+        if not db.set_block_rows(rows, tables):
+            return False
+        for rid, blocks in extensions.items():
+            self.seqs[rid].blocks.extend(blocks)
+        return True
+
     def _settle(self) -> None:
         """Reads the carried step (if any) into the host state, its tokens kept for the next Decode:
         anything that changes the running set or rebuilds the batch needs the host state current."""
@@ -148,12 +178,17 @@ class DecodeSteps:
             rows = list(self.seqs.values())
             self._decode_rows = rows
             self._sampling_batch = None
+            # Spare columns let later block extensions be written in place (_extend_in_flight),
+            # within what the captured graphs' block table holds.
+            width = max(len(s.blocks) for s in rows)
+            cap = self._graphs.max_blocks_per_seq if self._graphs is not None else width + TABLE_HEADROOM
             self._decode_batch = DecodeBatch(
                 last_tokens=[s.tokens[-1] for s in rows],
                 kv_lens=[s.kv_len for s in rows],
                 block_tables=[s.blocks for s in rows],
                 block_size=self.block_size,
                 device=self.device,
+                width=min(width + TABLE_HEADROOM, max(cap, width)),
             )
         db = self._decode_batch
         seqs = self._decode_rows  # rows that ended this call stay (see _decode_overlapped)

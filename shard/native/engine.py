@@ -206,7 +206,7 @@ class NativeEngine(PrefillSteps, DecodeSteps):
     @torch.inference_mode()
     def decode(self, extensions: dict[int, Sequence[int]], max_steps: int) -> StepResult:
         self._bind_device()
-        if extensions:
+        if extensions and not self._extend_in_flight(extensions):
             self._settle()  # the batch is rebuilt with the new blocks, from current host state
             self._extend(extensions)
         start = time.perf_counter_ns()
