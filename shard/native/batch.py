@@ -122,9 +122,12 @@ class DecodeBatch:
         if any(len(t) > width for t in tables):
             return False
         if rows:
+            # non_blocking from pageable memory: staged at once, no wait for the step in flight (a
+            # blocking copy would synchronize the stream, i.e. wait for that step on the host)
             device = self.block_tables.device
-            index = torch.tensor(rows, dtype=torch.int64, device=device)
-            self.block_tables.index_copy_(0, index, torch.from_numpy(_pad_block_tables(tables, width)).to(device))
+            index = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+            values = torch.from_numpy(_pad_block_tables(tables, width)).to(device, non_blocking=True)
+            self.block_tables.index_copy_(0, index, values)
         return True
 
     def advance(self, sampled: torch.Tensor) -> None:
