@@ -64,6 +64,7 @@ class LauncherConfig:
         4, "decode steps per router->shard call while nobody waits or the batch is within 1/8 of --max-batch-size"
     )
     max_client_batch_size: int = _opt(4, "inputs one client request may carry")
+    validation_workers: int = _opt(0, "router threads that tokenize prompts; 0 = min(4, CPU cores)")
     payload_limit: int = _opt(2_000_000, "HTTP body limit in bytes")
     api_key: str = _opt(
         "", "require 'Authorization: Bearer <key>'; passed to the router by environment, never logged"

@@ -44,8 +44,13 @@ class RouterConfig:
     # guaranteed_no_evict (every running request's full length is reserved; never preempts).
     scheduler_policy: str = "max_utilization"
     cors_allow_origin: str = ""
+    # Threads that tokenize prompts (TGI's flag; the Rust tokenizer releases the GIL, so they run
+    # beside the event loop). 0 = min(4, CPU cores).
+    validation_workers: int = 0
 
     def __post_init__(self) -> None:
+        if self.validation_workers < 0:
+            raise ValueError(f"--validation-workers must be >= 0 (0 = automatic); got {self.validation_workers}")
         if self.scheduler_policy not in SCHEDULER_POLICIES:
             raise ValueError(
                 f"--scheduler-policy must be one of {', '.join(SCHEDULER_POLICIES)}; got {self.scheduler_policy!r}"

@@ -464,6 +464,17 @@ def test_scheduling_flags_reach_the_router_and_the_shards() -> None:
         cli.parse_args(["--scheduler-policy", "fifo"], env={})
 
 
+def test_validation_workers_reach_the_router() -> None:
+    def router_value(flags: list[str], env: dict[str, str]) -> str:
+        config = cli.parse_args(flags, env=env)
+        argv = cli.router_argv(config, master_url="unix:///s-0", tokenizer="/t", model_name="m")
+        return argv[argv.index("--validation-workers") + 1]
+
+    assert router_value([], {}) == "0"  # the router's own default: min(4, CPU cores)
+    assert router_value(["--validation-workers", "6"], {}) == "6"
+    assert router_value([], {"VALIDATION_WORKERS": "3"}) == "3"
+
+
 def test_service_discovery_is_decoded_without_the_stubs() -> None:
     urls = ["unix:///tmp/a/shard-0", "host:50052", "x" * 300]
     assert (

@@ -310,6 +310,19 @@ def test_metrics_expose_tgi_names(client):
 # ---- edge: API key, payload limit, malformed JSON, disconnects -------------------------------
 
 
+def test_validation_workers_flag_sizes_the_tokenizer_pool(tok):
+    import os
+
+    from router.config import parse_args
+
+    with serve(tok, config=RouterConfig(validation_workers=3)) as srv:
+        assert httpx.get(srv.base_url + "/info").json()["validation_workers"] == 3
+    with serve(tok, config=RouterConfig()) as srv:  # 0: automatic
+        assert httpx.get(srv.base_url + "/info").json()["validation_workers"] == min(4, os.cpu_count() or 1)
+    with pytest.raises(SystemExit):  # TGI refuses a non-positive count; 0 is our "automatic"
+        parse_args(["--validation-workers", "-1"], env={})
+
+
 def test_api_key(tok, caplog):
     key = "s3cr3t-key-value"
     caplog.set_level(logging.DEBUG)
