@@ -69,7 +69,7 @@ class LauncherConfig:
     api_key: str = _opt(
         "", "require 'Authorization: Bearer <key>'; passed to the router by environment, never logged"
     )
-    cors_allow_origin: str = _opt("", "origin allowed by CORS (empty: no CORS headers)")
+    cors_allow_origin: str = _opt("", "origins allowed by CORS, comma-separated (empty: any origin, as in TGI)")
     dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16")
     engine: str = _opt("native", "native | trtllm | package.module:factory")
     device: str = _opt("auto", "auto | cpu | cuda")

@@ -310,6 +310,22 @@ def test_metrics_expose_tgi_names(client):
 # ---- edge: API key, payload limit, malformed JSON, disconnects -------------------------------
 
 
+def test_cors_allows_any_origin_by_default_and_only_the_listed_ones_when_set(tok):
+    preflight = {"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}
+    with serve(tok) as srv:  # TGI's default: any origin
+        r = httpx.get(srv.base_url + "/info", headers={"Origin": "https://a.example"})
+        assert r.headers["access-control-allow-origin"] == "*"
+        r = httpx.options(srv.base_url + "/generate", headers=preflight)
+        assert r.status_code == 200 and "POST" in r.headers["access-control-allow-methods"]
+    with serve(tok, config=RouterConfig(cors_allow_origin="https://a.example, https://b.example")) as srv:
+        r = httpx.get(srv.base_url + "/info", headers={"Origin": "https://b.example"})
+        assert r.headers["access-control-allow-origin"] == "https://b.example"
+        r = httpx.get(srv.base_url + "/info", headers={"Origin": "https://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        r = httpx.options(srv.base_url + "/generate", headers={**preflight, "Origin": "https://evil.example"})
+        assert r.status_code == 400
+
+
 def test_validation_workers_flag_sizes_the_tokenizer_pool(tok):
     import os
 
