@@ -131,7 +131,7 @@ async def run_once(
         steps = max(resp.steps, 1)
         step_s += [dt / steps] * steps
         step_fwd_s += [resp.timings.forward_ns / 1e9 / steps] * steps
-        short_steps += len(requests) * steps - len(resp.generations)
+        short_steps += len(requests) * steps - len(resp.tokens.request_ids)
         done += steps
     wave_s = time.perf_counter() - t0  # prompts in -> last token out: what one HTTP wave of them costs
     await client.call("FilterBatch", pb.FilterBatchRequest(remove_ids=[r.id for r in requests]))

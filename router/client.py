@@ -10,12 +10,14 @@ GenerationError.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import grpc
 
+from router import metrics
 from router.errors import GenerationError
 from router.pb import generate_pb2 as pb
 from router.pb import generate_pb2_grpc as pb_grpc
@@ -34,6 +36,9 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
 _ENGINES = {pb.ENGINE_KIND_NATIVE: "native", pb.ENGINE_KIND_TRTLLM: "trtllm"}
+# A decode-step token and the request it belongs to.
+TokenRow = tuple[int, TokenOut]
+_NONE = itertools.repeat(())  # no top tokens, for every row (map stops at the shortest column)
 _FINISH = {pb.FINISH_REASON_LENGTH: FinishReason.LENGTH, pb.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN}
 
 R = TypeVar("R")
@@ -125,8 +130,8 @@ class ShardedClient:
         *,
         decode_running: bool = False,
         extensions: Iterable[tuple[int, Sequence[int]]] = (),
-    ) -> tuple[list[pb.Generation], list[pb.Generation], int]:
-        """-> (one generation per request, the running batch's generations (decode_running only),
+    ) -> tuple[list[pb.Generation], list[TokenRow], int]:
+        """-> (one generation per request, the running batch's tokens (decode_running only),
         forward ns)."""
         req = pb.PrefillRequest(
             requests=requests,
@@ -134,16 +139,19 @@ class ShardedClient:
             extensions=[pb.BlockExtension(request_id=i, blocks=b) for i, b in extensions],
         )
         resp = await self._fan_out(lambda s: s.Prefill(req))
-        return list(resp.generations), list(resp.decode_generations), resp.timings.forward_ns
+        metrics.BATCH_SHARD_DURATION.labels(method="prefill").observe(resp.timings.total_ns / 1e9)
+        return list(resp.generations), token_rows(resp.decode_tokens), resp.timings.forward_ns
 
     async def decode(
         self, extensions: Iterable[tuple[int, Sequence[int]]], max_steps: int
-    ) -> tuple[list[pb.Generation], int]:
+    ) -> tuple[list[TokenRow], int]:
+        """-> (the tokens, step-major, as (request id, token) rows; forward ns)."""
         req = pb.DecodeRequest(
             extensions=[pb.BlockExtension(request_id=i, blocks=b) for i, b in extensions], max_steps=max_steps
         )
         resp = await self._fan_out(lambda s: s.Decode(req))
-        return list(resp.generations), resp.timings.forward_ns
+        metrics.BATCH_SHARD_DURATION.labels(method="decode").observe(resp.timings.total_ns / 1e9)
+        return token_rows(resp.tokens), resp.timings.forward_ns
 
     async def filter(self, remove_ids: Sequence[int]) -> None:
         req = pb.FilterBatchRequest(remove_ids=remove_ids)
@@ -191,6 +199,21 @@ def token_out(g: pb.Generation) -> TokenOut:
         top = g.top_tokens
         return TokenOut(g.token_id, g.logprob, tuple(top.ids), tuple(top.logprobs), _FINISH.get(g.finish_reason))
     return TokenOut(g.token_id, g.logprob, (), (), _FINISH.get(g.finish_reason))
+
+
+def token_rows(cols: pb.TokenColumns) -> list[TokenRow]:
+    """Decode-step tokens from their columns (proto TokenColumns), in order."""
+    fins = [_FINISH.get(f) for f in cols.finish_reasons]
+    if not cols.top_counts:
+        return list(zip(cols.request_ids, map(TokenOut, cols.token_ids, cols.logprobs, _NONE, _NONE, fins), strict=True))
+    rows, at = [], 0
+    top_ids, top_lps = cols.top_ids, cols.top_logprobs
+    for rid, tok, lp, n, fin in zip(
+        cols.request_ids, cols.token_ids, cols.logprobs, cols.top_counts, fins, strict=True
+    ):
+        rows.append((rid, TokenOut(tok, lp, tuple(top_ids[at : at + n]), tuple(top_lps[at : at + n]), fin)))
+        at += n
+    return rows
 
 
 def prefill_out(g: pb.Generation) -> PrefillOut | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +30,11 @@ class RequestHandle:
         self.id = request_id
         self.times = RequestTimes(queued=time.monotonic())
         self.prefill: PrefillOut | None = None
-        self._items: asyncio.Queue[_Item] = asyncio.Queue()
+        # A deque and one waiter future rather than an asyncio.Queue: every token goes through
+        # here on the router's one thread, and the Queue's bookkeeping (unfinished-task counts, an
+        # Event, a getter deque, the loop check) cost more than the rest of the handoff.
+        self._items: collections.deque[_Item] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None  # set while the consumer waits
         self._on_cancel = on_cancel
         self._closed = False
 
@@ -37,8 +42,13 @@ class RequestHandle:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[TokenOut]:
+        items = self._items
         while True:
-            item = await self._items.get()
+            if not items:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+                continue
+            item = items.popleft()
             if item is None:
                 return
             if isinstance(item, GenerationError):
@@ -51,12 +61,12 @@ class RequestHandle:
     def pending(self) -> bool:
         """Items are queued right now: the consumer will get the next one without waiting (a
         multi-step Decode call pushes several tokens at once; the SSE writer sends them together)."""
-        return not self._items.empty()
+        return bool(self._items)
 
     def cancel(self) -> None:
         if not self._closed:
             self._closed = True
-            self._items.put_nowait(None)
+            self._put(None)
             self._on_cancel()
 
     # -- scheduler side -------------------------------------------------------------------------
@@ -67,13 +77,19 @@ class RequestHandle:
             if item.finish_reason is not None:
                 self.times.finished = time.monotonic()
                 self._closed = True
-            self._items.put_nowait(item)
+            self._put(item)
 
     def fail(self, error: GenerationError) -> None:
         if not self._closed:
             self._closed = True
             self.times.finished = time.monotonic()
-            self._items.put_nowait(error)
+            self._put(error)
+
+    def _put(self, item: _Item) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():  # done: its consumer was cancelled meanwhile
+            waiter.set_result(None)
 
     @property
     def closed(self) -> bool:

@@ -122,6 +122,12 @@ BATCH_INFERENCE_DURATION = Histogram(
 BATCH_FORWARD_DURATION = Histogram(
     "tgi_batch_forward_duration", "Batch forward duration (s)", ["method"], buckets=DURATION_BUCKETS
 )
+# Not in TGI: the master shard's own time for the call (timings.total_ns: its engine call and the
+# answer's protobufs). Inference minus shard is gRPC transport plus the router's event-loop lag;
+# shard minus forward is the shard's bookkeeping around the engine's step loop.
+BATCH_SHARD_DURATION = Histogram(
+    "tgi_batch_shard_duration", "Batch duration inside the master shard (s)", ["method"], buckets=DURATION_BUCKETS
+)
 BATCH_INFERENCE_COUNT = Counter("tgi_batch_inference_count", "Inference calls per method", ["method"])
 # Not in TGI: prefill calls that also ran the running batch's decode step (mixed batches).
 BATCH_MIXED_COUNT = Counter("tgi_batch_mixed_count", "Prefill calls that carried the running batch's decode step")

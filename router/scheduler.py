@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from router import metrics
 from router.batch_policy import admit, nobody_can_join, plan_growth
-from router.client import ShardedClient, prefill_out, to_pb_request, token_out
+from router.client import ShardedClient, TokenRow, prefill_out, to_pb_request, token_out
 from router.errors import GenerationError, OverloadedError
 from router.handle import Entry, RequestHandle, State
 from router.kv_planner import KvPlanner
@@ -259,7 +259,7 @@ class Scheduler:
             entry.kv_len = len(entry.tokens)
             if entry.handle.prefill is None:
                 entry.handle.prefill = prefill_out(gen)
-            self._deliver(entry, gen)
+            self._deliver(entry, token_out(gen))
 
     async def _decode(self, steps: int) -> None:
         self._unsent.extend(self._plan_growth(steps))
@@ -285,15 +285,16 @@ class Scheduler:
                 merged.setdefault(rid, []).extend(blocks)
         return list(merged.items())
 
-    def _deliver_steps(self, entries: Sequence[Entry], generations: Sequence) -> None:  # pb.Generation
+    def _deliver_steps(self, entries: Sequence[Entry], rows: Sequence[TokenRow]) -> None:
         """Decode-step tokens (a Decode answer, or a mixed Prefill's running part) for `entries`."""
         by_id = {e.id: e for e in entries}
-        for gen in generations:
-            entry = by_id.get(gen.request_id)
-            if entry is None or entry.state is not State.RUNNING:
+        running = State.RUNNING
+        for rid, out in rows:
+            entry = by_id.get(rid)
+            if entry is None or entry.state is not running:
                 continue  # cancelled or finished meanwhile: the shard's extra tokens are dropped
             entry.kv_len += 1  # this step wrote the previous token's K/V
-            self._deliver(entry, gen)
+            self._deliver(entry, out)
 
     async def _rpc(self, call: Awaitable[T]) -> T:
         """Runs one shard call, handing the previous call's tokens to their streams only once this
@@ -312,9 +313,8 @@ class Scheduler:
         for handle, out in box:
             handle.push(out)
 
-    def _deliver(self, entry: Entry, gen) -> None:  # gen: pb.Generation
+    def _deliver(self, entry: Entry, out: TokenOut) -> None:
         """Books a token now; its stream gets it at the next call (_rpc) or when the loop idles."""
-        out = token_out(gen)
         entry.generated.append(out.id)
         if entry.handle.closed:  # cancelled by the client or by a stop sequence
             if entry not in self._cancelled:

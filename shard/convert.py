@@ -134,6 +134,23 @@ def generation_to_pb(gen: Generation) -> pb.Generation:
     return msg
 
 
+def columns_to_pb(gens: Sequence[Generation]) -> pb.TokenColumns:
+    """Decode-step tokens as packed columns (proto TokenColumns); prefill_tokens never occur here."""
+    cols = pb.TokenColumns(
+        request_ids=[g.request_id for g in gens],
+        token_ids=[g.token_id for g in gens],
+        logprobs=[g.logprob for g in gens],
+        finish_reasons=[_FINISH_REASON[g.finish_reason] for g in gens],
+        generated_tokens=[g.generated_tokens for g in gens],
+        seeds=[g.seed for g in gens],
+    )
+    if any(g.top_tokens.ids for g in gens):
+        cols.top_counts.extend([len(g.top_tokens.ids) for g in gens])
+        cols.top_ids.extend([i for g in gens for i in g.top_tokens.ids])
+        cols.top_logprobs.extend([lp for g in gens for lp in g.top_tokens.logprobs])
+    return cols
+
+
 def warmup_to_pb(result: WarmupResult) -> pb.WarmupResponse:
     return pb.WarmupResponse(
         num_blocks=result.num_blocks,

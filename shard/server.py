@@ -22,6 +22,7 @@ import grpc
 
 from shard.config import ShardConfig
 from shard.convert import (
+    columns_to_pb,
     extensions_from_pb,
     generation_to_pb,
     info_to_pb,
@@ -201,7 +202,7 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
             return pb.PrefillResponse(
                 generations=[generation_to_pb(g) for g in result.generations],
                 timings=timings_to_pb(result, started),
-                decode_generations=[generation_to_pb(g) for g in result.decode_generations],
+                decode_tokens=columns_to_pb(result.decode_generations),
             )
 
         return await self._on_worker(run)
@@ -215,7 +216,7 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
             started = time.perf_counter_ns()
             result = self._engine.decode(extensions_from_pb(request.extensions), request.max_steps)
             return pb.DecodeResponse(
-                generations=[generation_to_pb(g) for g in result.generations],
+                tokens=columns_to_pb(result.generations),
                 steps=result.steps,
                 timings=timings_to_pb(result, started),
             )

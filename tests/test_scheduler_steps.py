@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import asyncio
 
+from router.client import token_out
 from router.handle import RequestHandle
 from router.pb import generate_pb2 as pb
 from router.scheduler import Scheduler
-from router.types import GenerateRequest, Limits, SamplingParams, ShardInfo
+from router.types import GenerateRequest, Limits, SamplingParams, ShardInfo, TokenOut
 
 BLOCK = 4
+
+
+def rows(gens: list[pb.Generation]) -> list[tuple[int, TokenOut]]:
+    """Decode-step tokens as ShardedClient returns them (router/client.py: token_rows)."""
+    return [(g.request_id, token_out(g)) for g in gens]
 
 
 class CountingClient:
@@ -38,7 +44,7 @@ class CountingClient:
             out += [self._emit(rid) for rid in list(self.left)]
             if any(g.finish_reason for g in out):
                 break
-        return out, 0
+        return rows(out), 0
 
     def _emit(self, rid: int) -> pb.Generation:
         self.left[rid] -= 1
@@ -229,7 +235,7 @@ class MixedClient(CountingClient):
             self.blocks[r.id], self.tokens[r.id] = len(r.blocks), len(r.input_ids)
             out.append(self._emit(r.id))
         self.peak = max(self.peak, len(self.left) + sum(1 for g in out if g.finish_reason))
-        return out, stepped, 0
+        return out, rows(stepped), 0
 
     async def decode(self, extensions, steps):
         self.calls.append(("decode", steps, False))

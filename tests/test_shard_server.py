@@ -140,7 +140,8 @@ def test_every_rpc_round_trips_over_a_unix_socket(socket_dir: str) -> None:
         decode = stub.Decode(
             pb.DecodeRequest(extensions=[pb.BlockExtension(request_id=1, blocks=[90, 91])], max_steps=4)
         )
-        steps = [(g.request_id, g.token_id, g.generated_tokens, g.finish_reason) for g in decode.generations]
+        c = decode.tokens
+        steps = list(zip(c.request_ids, c.token_ids, c.generated_tokens, c.finish_reasons, strict=True))
         assert steps == [
             (1, 9, 2, pb.FINISH_REASON_UNSPECIFIED),
             (2, 22, 2, pb.FINISH_REASON_LENGTH),
@@ -212,7 +213,7 @@ def test_engine_errors_map_to_status_codes_and_keep_the_engine_healthy(socket_di
 
 def test_mixed_prefill_over_grpc_and_its_refusal(socket_dir: str) -> None:
     """decode_running reaches an engine that reports supports_mixed_batches (the running request's
-    token comes back in decode_generations, its extension applied); others answer INVALID_ARGUMENT."""
+    token comes back in decode_tokens, its extension applied); others answer INVALID_ARGUMENT."""
     url = f"unix://{socket_dir}/s-0"
     with serving(CountingTestEngine(mixed=True), [url], [url]):
         stub = stub_for(url)
@@ -222,7 +223,7 @@ def test_mixed_prefill_over_grpc_and_its_refusal(socket_dir: str) -> None:
         assert _code(stub.Prefill, mixed)[0] == grpc.StatusCode.INVALID_ARGUMENT  # request 1 has no room
         mixed.extensions.append(pb.BlockExtension(request_id=1, blocks=[99]))
         resp = stub.Prefill(mixed)
-        assert [(g.request_id, g.token_id) for g in resp.decode_generations] == [(1, 9)]
+        assert list(zip(resp.decode_tokens.request_ids, resp.decode_tokens.token_ids, strict=True)) == [(1, 9)]
         assert [(g.request_id, g.token_id) for g in resp.generations] == [(2, 21)]
     url = f"unix://{socket_dir}/s-1"
     with serving(CountingTestEngine(), [url], [url]):

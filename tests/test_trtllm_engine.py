@@ -689,8 +689,8 @@ def test_grpc_round_trip_through_the_registry_and_server(trtllm, engine_dir):
         (first,) = stub.Prefill(pb.PrefillRequest(requests=[request]), timeout=30).generations
         tokens = [(first.token_id, first.finish_reason, first.generated_tokens, first.seed)]
         while tokens[-1][1] == pb.FINISH_REASON_UNSPECIFIED:
-            for g in stub.Decode(pb.DecodeRequest(max_steps=4), timeout=30).generations:
-                tokens.append((g.token_id, g.finish_reason, g.generated_tokens, g.seed))
+            c = stub.Decode(pb.DecodeRequest(max_steps=4), timeout=30).tokens
+            tokens += zip(c.token_ids, c.finish_reasons, c.generated_tokens, c.seeds, strict=True)
         assert tokens == [
             (11, pb.FINISH_REASON_UNSPECIFIED, 1, 5),
             (12, pb.FINISH_REASON_UNSPECIFIED, 2, 5),
