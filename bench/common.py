@@ -11,6 +11,8 @@ import platform
 import re
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,52 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
+
+
+# ---------------------------------------------------------------------------------- GPU busy
+
+
+class GpuBusy:
+    """NVML's utilization.gpu (the share of its last sample period, 1/6 s to 1 s, in which a kernel
+    ran) polled every `period` s on every visible GPU while a level runs: its mean says how much of
+    the level the GPUs computed, so the rest is time the serving stack left them idle. `result()`
+    is None without NVML (no nvidia-ml-py, no GPU): the figure is then simply absent."""
+
+    def __init__(self, period: float = 0.05) -> None:
+        self.period = period
+        self.samples: list[list[int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no library, no driver or no GPU
+            self._handles = []
+
+    def __enter__(self) -> GpuBusy:
+        if self._handles:
+            self._thread = threading.Thread(target=self._poll, name="gpu-busy", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append([self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles])
+            time.sleep(self.period)
+
+    def result(self) -> list[float] | None:
+        """Mean utilization (%) per GPU over the samples taken."""
+        if not self.samples:
+            return None
+        return [round(sum(col) / len(col), 1) for col in zip(*self.samples, strict=True)]
 
 
 # ---------------------------------------------------------------------------------- statistics

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.common import (
+    GpuBusy,
     RequestRecord,
     exit_on_sigterm,
     machine_facts,
@@ -106,12 +107,14 @@ async def run_benchmark(
                     tuple(rng.choices(vocab, k=in_len)) for _ in range(num_prompts_for(conc, counts, k))
                 ]
                 before = counters()
-                records, duration = await run_level(
-                    backend.scheduler, prompts, out_len=out_len, concurrency=conc
-                )
+                with GpuBusy() as busy:
+                    records, duration = await run_level(
+                        backend.scheduler, prompts, out_len=out_len, concurrency=conc
+                    )
                 after = counters()
                 res = level_result(records, duration, preset=preset, concurrency=conc, max_new_tokens=out_len)
                 res["server_counters"] = {key: after[key] - before.get(key, 0.0) for key in after}
+                res["gpu_busy_pct"] = busy.result()
                 res["exact_input_fraction"] = 1.0  # ids go in as given
                 results.append(res)
                 save(results, info)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    GpuBusy,
     RequestRecord,
     aggregate,
     exit_on_sigterm,
@@ -234,12 +235,14 @@ async def run_benchmark(
                 exact_prompt(tok, in_len, rng, vocab=vocab) for _ in range(num_prompts_for(conc, counts, k))
             ]
             before = server_counters(base_url)
-            records, duration = await run_level(
-                base_url, prompts, max_new_tokens=out_len, concurrency=conc, extra_params=extra
-            )
+            with GpuBusy() as busy:
+                records, duration = await run_level(
+                    base_url, prompts, max_new_tokens=out_len, concurrency=conc, extra_params=extra
+                )
             after = server_counters(base_url)
             res = level_result(records, duration, preset=preset, concurrency=conc, max_new_tokens=out_len)
             res["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in after}
+            res["gpu_busy_pct"] = busy.result()
             res["exact_input_fraction"] = sum(n == in_len for _, n in prompts) / len(prompts)
             results.append(res)
             save(results)
@@ -266,7 +269,12 @@ def tokenizer_name(args: argparse.Namespace) -> str:
     return embedded_model_path()
 
 
-SERVER_COUNTERS = ("tgi_batch_inference_duration_sum", "tgi_batch_forward_duration_sum", "tgi_batch_inference_count")
+SERVER_COUNTERS = (
+    "tgi_batch_inference_duration_sum",
+    "tgi_batch_shard_duration_sum",
+    "tgi_batch_forward_duration_sum",
+    "tgi_batch_inference_count",
+)
 PLAIN_COUNTERS = ("tgi_batch_mixed_count",)
 
 

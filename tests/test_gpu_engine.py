@@ -132,6 +132,31 @@ def test_tiny_llama_greedy_equals_transformers(tmp_path, dtype, graphs, mixed):
     print(f"tiny {dtype} graphs={graphs} mixed={mixed}: {exact}/{len(prompts)} greedy sequences identical to transformers fp32")
 
 
+def test_gpu_gaps_books_every_transition_and_changes_no_token(tmp_path, monkeypatch):
+    """SHARD_GPU_GAPS=1 (shard/native/gpu_gaps.py): the engine times its pieces of work with CUDA
+    events. The same greedy tokens come out, and the idle time is booked under the transitions that
+    happened: prefill -> first step of a call, steps inside a call, call -> call."""
+    config = tiny_config(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=32, max_position_embeddings=4096)
+    save_hf_model(config, perturbed_state_dict(config, seed=5), tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 40, 3)]
+    runs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("SHARD_GPU_GAPS", on)
+        model, mc = load_model(str(tmp_path), dtype=torch.bfloat16, device=CUDA, tp=TPGroup.single(),
+                               attention=get_attention_backend("triton"))
+        eng = make_engine(model, mc, graphs=True)
+        runs[on] = greedy(eng, prompts, 16, steps=4)
+        gaps = eng._gaps
+    assert runs["0"] == runs["1"]
+    gaps.collect()
+    assert gaps.busy_ms > 0
+    assert {"prefill->call", "call->step", "step->call"} <= set(gaps.count), gaps.count
+    assert gaps.count["call->step"] >= 3 and all(v >= 0 for v in gaps.idle_ms.values())
+    print("gpu gaps:", gaps.summary())
+
+
 @pytest.fixture(scope="module")
 def llama8b_4layers(tmp_path_factory):
     d = json.loads(open("shard/native/configs/llama-3.1-8b.json").read())

@@ -3,8 +3,9 @@ host state, with the host optionally one step behind the device (DecodeSteps._de
 
 DecodeSteps is a mixin of NativeEngine (engine.py), split out to keep each file small. It relies on
 these engine attributes: seqs (id -> SeqState, the running set), mc (ModelConfig), device,
-block_size, world_size, sampler, _graphs (GraphedDecode | None), _overlap, and the per-running-set
-caches _decode_batch / _decode_rows / _sampling_batch (None = rebuild), and on _forward(batch).
+block_size, world_size, sampler, _graphs (GraphedDecode | None), _overlap, _gaps / _step_kind
+(gpu_gaps.py), and the per-running-set caches _decode_batch / _decode_rows / _sampling_batch
+(None = rebuild), and on _forward(batch).
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ class DecodeSteps:
         """Queues one decode step (forward, sampling, the tokens' copy to the host) without waiting
         for it, and advances the device-side batch. Host state (tokens, counts) waits for
         _finish_step; kv_len counts the K/V this step writes."""
+        if self._gaps is not None:
+            self._gaps.begin(self._step_kind)
+            self._step_kind = "step"
         if self._decode_batch is None:
             rows = list(self.seqs.values())
             self._decode_rows = rows
@@ -259,7 +263,10 @@ class DecodeSteps:
             import torch.distributed as dist
 
             dist.broadcast(out.token_ids, src=self.world_size - 1)
-        return LaunchedStep(seqs=seqs, ids=out.token_ids, host=out.start_host_copy())
+        step = LaunchedStep(seqs=seqs, ids=out.token_ids, host=out.start_host_copy())
+        if self._gaps is not None:
+            self._gaps.end()
+        return step
 
     def _generations(self, step: LaunchedStep) -> list[Generation]:
         gens = []

@@ -30,6 +30,7 @@ from shard.native.batch import DecodeBatch
 from shard.native.config import ModelConfig
 from shard.native.decode_steps import DecodeSteps, LaunchedStep, SeqState
 from shard.native.forward import ForwardBatch
+from shard.native.gpu_gaps import GpuGaps, gaps_enabled
 from shard.native.kv_cache import KVCache, kv_bytes_per_block
 from shard.native.memory import plan_kv_blocks
 from shard.native.prefill_steps import PrefillSteps
@@ -108,6 +109,9 @@ class NativeEngine(PrefillSteps, DecodeSteps):
         overlap = options.overlap_decode
         self._overlap = (device.type == "cuda" and pp_size == 1) if overlap is None else overlap
         self._healthy = True
+        # SHARD_GPU_GAPS=1: the GPU's idle time between pieces of work, logged (gpu_gaps.py)
+        self._gaps = GpuGaps(rank=tp_rank + pp_rank) if gaps_enabled(device) else None
+        self._step_kind = "call"  # gpu_gaps' name for the next decode step launched
 
     @classmethod
     def create(cls, config, dist) -> NativeEngine:  # (ShardConfig, DistContext): shard/config.py, shard/dist.py
@@ -178,6 +182,8 @@ class NativeEngine(PrefillSteps, DecodeSteps):
             self._capture_graphs(spec, num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                  num_blocks * per_block / 2**30)
+        if self._gaps is not None:  # count serving only, not warmup's trial batches
+            self._gaps = GpuGaps(rank=self._gaps.rank)
         return WarmupResult(
             num_blocks=num_blocks, block_size=self.block_size, max_supported_total_tokens=num_blocks * self.block_size
         )
@@ -210,6 +216,7 @@ class NativeEngine(PrefillSteps, DecodeSteps):
             self._settle()  # the batch is rebuilt with the new blocks, from current host state
             self._extend(extensions)
         start = time.perf_counter_ns()
+        self._step_kind = "call"
         if self._overlap:
             out, steps = self._decode_overlapped(max(1, max_steps))
         else:

@@ -54,6 +54,8 @@ class PrefillSteps:
         if decode_running is not None:
             carried, self._orphans = self._orphans, []
         start = time.perf_counter_ns()
+        if self._gaps is not None:
+            self._gaps.begin("prefill")
         batch = build_prefill(
             new_tokens=[s.tokens[-1:] for s in running] + [s.tokens[r.prefix_len :] for s, r in zip(new, requests, strict=True)],
             prefix_lens=[s.kv_len for s in running] + [r.prefix_len for r in requests],

@@ -1,0 +1,96 @@
+"""Diagnostic: where the GPU sits idle between the native engine's pieces of work.
+
+On with SHARD_GPU_GAPS=1 (CUDA only; off, the engine calls nothing here). Each piece of work --
+a prefill forward, a decode step -- gets a CUDA event where its first kernel is queued and one
+after its sampling. The idle time before a piece is the time between the previous piece's end
+event and its start event on the GPU's clock: zero when the host queued it while the GPU was
+still busy, the wait when the GPU had run dry. Gaps are summed by transition (what ran before ->
+what comes now):
+  - step: a decode step launched inside the Decode call that launched the one before it;
+  - call: the first step a Decode call launches (the one before came from an earlier call, so the
+    gap holds the RPC turnaround not covered by the carried step);
+  - prefill: a prefill forward (mixed ones included).
+Gaps over NO_WORK_MS are a server without work and are kept apart. Rank 0 logs the running
+totals every LOG_EVERY_S seconds of work: "gpu gaps: busy ... idle ... by transition ...";
+bench/sched_bench.py --shard-log keeps the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 1.0
+# A longer gap is a server without work (between benchmark levels, say), not serving overhead:
+# counted apart, as "no work".
+NO_WORK_MS = 500.0
+
+
+def gaps_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("SHARD_GPU_GAPS", "0") == "1"
+
+
+class GpuGaps:
+    def __init__(self, *, rank: int = 0) -> None:
+        self.rank = rank
+        self._open: deque[tuple[str, torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._start: tuple[str, torch.cuda.Event] | None = None
+        self._prev: tuple[str, torch.cuda.Event] | None = None  # the last finished piece's kind, end
+        self.busy_ms = 0.0
+        self.no_work_ms = 0.0
+        self.idle_ms: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+        self._logged = time.monotonic()
+
+    def begin(self, kind: str) -> None:
+        """Before the piece's first kernel (its input copies included)."""
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self._start = (kind, ev)
+
+    def end(self) -> None:
+        """After the piece's last kernel (its sampling and the tokens' copy queued)."""
+        if self._start is None:
+            return
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        kind, start = self._start
+        self._start = None
+        self._open.append((kind, start, ev))
+        self.collect()
+
+    def collect(self) -> None:
+        """Books the pieces whose end event has completed (never waits)."""
+        while self._open and self._open[0][2].query():
+            kind, start, end = self._open.popleft()
+            if self._prev is not None:
+                prev_kind, prev_end = self._prev
+                gap = max(0.0, prev_end.elapsed_time(start))
+                if gap > NO_WORK_MS:
+                    self.no_work_ms += gap
+                else:
+                    key = f"{prev_kind}->{kind}"
+                    self.idle_ms[key] = self.idle_ms.get(key, 0.0) + gap
+                    self.count[key] = self.count.get(key, 0) + 1
+            self.busy_ms += start.elapsed_time(end)
+            self._prev = (kind, end)
+        now = time.monotonic()
+        if self.rank == 0 and now - self._logged >= LOG_EVERY_S:
+            self._logged = now
+            log.info("gpu gaps: %s", self.summary())
+
+    def summary(self) -> str:
+        idle = sum(self.idle_ms.values())
+        parts = ", ".join(
+            f"{k} {v:.0f} ms/{self.count[k]}" for k, v in sorted(self.idle_ms.items(), key=lambda kv: -kv[1])
+        )
+        return (
+            f"busy {self.busy_ms:.0f} ms idle {idle:.0f} ms (no work {self.no_work_ms:.0f} ms) "
+            f"by transition: {parts}"
+        )
