@@ -331,3 +331,61 @@ def test_hf_baseline_uses_the_engine_dummy_weights_and_times_every_step():
     assert r["step_ms"]["n"] == 2 * 4  # (N - 1) decode steps per run
     assert r["decode_tok_s"] == pytest.approx(2 / (r["tpot_ms"] / 1e3))
     assert 0 < r["prefill_ms"] < r["total_ms"]
+
+
+def test_scheduler_bench_counts_every_token_and_times_only_the_scheduler():
+    from bench.scheduler_bench import run
+
+    args = SimpleNamespace(prompts=48, input_len=20, output_len=9, max_batch_size=16, max_decode_steps=4, seed=3)
+    res = asyncio.run(run(args))
+    assert res["tokens"] == 48 * 9  # every request drained to its last token (the run asserts it too)
+    # 48 requests through a batch of 16: at least three waves of decode calls of <= 4 steps each
+    assert res["decode_calls"] >= 3 * math.ceil(8 / 4)
+    assert 0 < res["shard_double_s"] < res["wall_s"] and res["scheduler_s"] == res["wall_s"] - res["shard_double_s"]
+    assert res["scheduler_us_per_token"] == pytest.approx(1e6 * res["scheduler_s"] / res["tokens"])
+
+
+def test_gpu_busy_is_absent_without_nvml(monkeypatch):
+    import builtins
+
+    from bench.common import GpuBusy
+
+    real_import = builtins.__import__
+
+    def no_nvml(name, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if name == "pynvml":
+            raise ImportError("no NVML here")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_nvml)
+    with GpuBusy(period=0.01) as busy:
+        pass
+    assert busy.result() is None and busy.samples == []
+
+
+def test_gpu_busy_averages_each_gpu_over_its_samples(monkeypatch):
+    import sys
+    import time
+
+    from bench.common import GpuBusy
+
+    class FakeNvml:  # two GPUs: one always busy, one idle
+        @staticmethod
+        def nvmlInit() -> None: ...
+
+        @staticmethod
+        def nvmlDeviceGetCount() -> int:
+            return 2
+
+        @staticmethod
+        def nvmlDeviceGetHandleByIndex(i: int) -> int:
+            return i
+
+        @staticmethod
+        def nvmlDeviceGetUtilizationRates(h: int) -> SimpleNamespace:
+            return SimpleNamespace(gpu=100 if h == 0 else 0)
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml)
+    with GpuBusy(period=0.005) as busy:
+        time.sleep(0.05)
+    assert len(busy.samples) >= 2 and busy.result() == [100.0, 0.0]
