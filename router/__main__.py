@@ -16,6 +16,7 @@ from router import gc_policy
 from router.app import create_app
 from router.backend import Backend
 from router.config import parse_args
+from router.http_sse import with_raw_send
 
 log = logging.getLogger("router")
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     app, backend = build(argv)
     cfg = backend.config
     log.info("config: %r", cfg)
-    uvicorn.run(app, host=cfg.hostname, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(with_raw_send(app), host=cfg.hostname, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

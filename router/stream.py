@@ -134,6 +134,8 @@ class Generation:
             self.handle.cancel()
 
     def _top_tokens(self, tok: TokenOut) -> list[OutToken]:
+        if not tok.top_ids:  # the common case, per token: no comprehension to set up
+            return []
         return [
             OutToken(i, self.tokenizer.token_text(i), finite_or_none(lp), self.tokenizer.is_special(i))
             for i, lp in zip(tok.top_ids, tok.top_logprobs, strict=False)

@@ -29,6 +29,7 @@ import uvicorn
 
 from router.config import RouterConfig
 from router.errors import GenerationError, OverloadedError
+from router.http_sse import with_raw_send
 from router.tokenizer import Tokenizer, load_tokenizer
 from router.types import FinishReason, GenerateRequest, Limits, PrefillOut, RequestTimes, ShardInfo, TokenOut
 
@@ -254,7 +255,8 @@ class ServerThread:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)  # type: ignore[arg-type]
+        # As router/__main__.py serves it: SSE body chunks then take the server's own send.
+        config = uvicorn.Config(with_raw_send(app), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)  # type: ignore[arg-type]
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -317,6 +317,11 @@ def test_cors_allows_any_origin_by_default_and_only_the_listed_ones_when_set(tok
         assert r.headers["access-control-allow-origin"] == "*"
         r = httpx.options(srv.base_url + "/generate", headers=preflight)
         assert r.status_code == 200 and "POST" in r.headers["access-control-allow-methods"]
+        # An event stream's body skips the middleware chain (http_sse.RAW_SEND); its start does not.
+        body = {"inputs": "Q", "parameters": {"max_new_tokens": 3}}
+        r = httpx.post(srv.base_url + "/generate_stream", json=body, headers={"Origin": "https://a.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+        assert len(events(r.text, "data:")) == 3
     with serve(tok, config=RouterConfig(cors_allow_origin="https://a.example, https://b.example")) as srv:
         r = httpx.get(srv.base_url + "/info", headers={"Origin": "https://b.example"})
         assert r.headers["access-control-allow-origin"] == "https://b.example"

@@ -1,4 +1,5 @@
-"""The TGI stream's hand-formatted event equals the JSON encoder's output byte for byte."""
+"""The TGI stream's hand-formatted event equals the JSON encoder's output byte for byte; an event
+stream's body goes to the HTTP server's own send (with_raw_send)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,56 @@ def test_fast_event_matches_the_encoder(text: str, logprob: float | None, specia
 def test_steps_with_top_tokens_take_the_encoder() -> None:
     step = Step(1, OutToken(1, "a", -0.5, False), [OutToken(2, "b", -1.0, False)])
     assert json.loads(step_event(step, details=False, prompt=None)[5:])["top_tokens"][0]["id"] == 2
+
+
+def test_stream_body_goes_to_the_servers_send_and_only_the_start_through_the_middleware() -> None:
+    """with_raw_send (how router/__main__.py serves the app): the middleware chain sees the
+    response start (CORS adds its header there) and no body chunk; the server's send gets all."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.routing import Route
+
+    from router.http_sse import SSEResponse, with_raw_send
+
+    class Recording:  # a middleware that records what goes out through it
+        def __init__(self, app, seen: list[str]) -> None:  # noqa: ANN001
+            self.app, self.seen = app, seen
+
+        async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+            async def spy(message) -> None:  # noqa: ANN001
+                self.seen.append(message["type"])
+                await send(message)
+
+            await self.app(scope, receive, spy)
+
+    async def events():  # noqa: ANN202
+        for i in range(3):
+            yield f"data:{i}\n\n".encode()
+
+    seen: list[str] = []
+    app = Starlette(
+        routes=[Route("/s", lambda request: SSEResponse(events()), methods=["GET"])],
+        middleware=[Middleware(CORSMiddleware, allow_origins=["*"]), Middleware(Recording, seen=seen)],
+    )
+    sent: list[dict] = []
+
+    async def server_send(message) -> None:  # noqa: ANN001
+        sent.append(message)
+
+    async def receive() -> dict:
+        await asyncio.sleep(3600)  # the client stays: no http.disconnect
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http", "method": "GET", "path": "/s", "raw_path": b"/s", "query_string": b"", "root_path": "",
+        "headers": [(b"origin", b"https://a.example")], "scheme": "http", "server": ("t", 80), "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }  # fmt: skip
+    asyncio.run(with_raw_send(app)(scope, receive, server_send))
+    assert seen == ["http.response.start"]
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 4
+    assert (b"access-control-allow-origin", b"*") in sent[0]["headers"]
+    assert b"".join(m["body"] for m in sent[1:]) == b"data:0\n\ndata:1\n\ndata:2\n\n" and not sent[-1]["more_body"]
