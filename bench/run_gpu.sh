@@ -105,11 +105,13 @@ if has serve; then
   fi
 fi
 
-if has sched; then  # the serving plan again, through the router's scheduler in-process (no HTTP)
+# the serving plan again, through the router's scheduler in-process (no HTTP); its shards' log is
+# kept (with SHARD_GPU_GAPS=1 in the environment it holds where the GPU idled, by transition)
+if has sched; then
   stage sched "$T_SERVE" $PY -m bench.sched_bench --launch --num-shard "$NUM_SHARD" \
     --shard-args "--model-id $MODEL --load-format dummy --dtype $DTYPE --max-input-tokens 2048 --max-total-tokens 4096" \
     --router-args "--tokenizer-name $TOKENIZER --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192 --max-concurrent-requests 1024 ${ROUTER_ARGS:-}" \
-    --plan "${SERVE_PLAN[@]}" --out "$OUT/sched.json"
+    --plan "${SERVE_PLAN[@]}" --out "$OUT/sched.json" --shard-log "$OUT/sched-shards.log"
 fi
 
 has hf && stage hf "$T_HF" $PY -m bench.hf_baseline --model "$MODEL" --dtype "$DTYPE" "${HF_ARGS[@]}" --out "$OUT/hf.json"

@@ -367,10 +367,11 @@ def levels_table(results: list[dict[str, Any]]) -> str:
     headers = ["preset", "conc", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p50", "ITL p99"]
     rows = [
         [r["preset"], r["concurrency"], r["request_throughput"], r["output_throughput"], r["ttft_ms"]["p50"],
-         r["ttft_ms"]["p99"], r["tpot_ms"]["p50"], r["itl_ms"]["p50"], r["itl_ms"]["p99"], r["exact_output_fraction"]]
+         r["ttft_ms"]["p99"], r["tpot_ms"]["p50"], r["itl_ms"]["p50"], r["itl_ms"]["p99"], r["exact_output_fraction"],
+         "/".join(f"{x:g}" for x in r.get("gpu_busy_pct") or []) or "-"]
         for r in results
     ]  # fmt: skip
-    return format_table([*headers, "exact out"], rows)  # fmt: skip
+    return format_table([*headers, "exact out", "GPU busy %"], rows)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

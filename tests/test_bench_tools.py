@@ -389,3 +389,17 @@ def test_gpu_busy_averages_each_gpu_over_its_samples(monkeypatch):
     with GpuBusy(period=0.005) as busy:
         time.sleep(0.05)
     assert len(busy.samples) >= 2 and busy.result() == [100.0, 0.0]
+
+
+def test_levels_table_shows_gpu_busy_per_gpu_or_a_dash():
+    from bench.serve_bench import levels_table
+
+    pct = {"p50": 1.0, "p99": 2.0}
+    level = {
+        "preset": "128/128", "concurrency": "inf", "request_throughput": 1.0, "output_throughput": 128.0,
+        "ttft_ms": pct, "tpot_ms": pct, "itl_ms": pct, "exact_output_fraction": 1.0,
+    }  # fmt: skip
+    table = levels_table([{**level, "gpu_busy_pct": [87.9, 12.5]}, level])
+    header, first, second = table.splitlines()[:3]
+    assert header.split()[-3:] == ["GPU", "busy", "%"]
+    assert first.split()[-1] == "87.9/12.5" and second.split()[-1] == "-"
