@@ -506,7 +506,7 @@ def test_graphed_decode_matches_eager_and_padding_is_harmless() -> None:
         model(seqs.batch(list(range(7)), [5] * 7, prefill=True, width=max_blocks), caches)
         eager_caches = [(k.clone(), v.clone()) for k, v in caches]
         graphed = cg.GraphedDecode(
-            lambda batch: model(batch, caches), max_batch_size=8, max_blocks_per_seq=max_blocks, vocab_size=vocab,
+            lambda batch, out: model(batch, caches), max_batch_size=8, max_blocks_per_seq=max_blocks, vocab_size=vocab,
             device=torch.device("cuda"), block_size=bs, scratch_slot=num_blocks * bs, batch_sizes=[4, 8],
         )  # fmt: skip
         # 7 rows (bucket 8), then 5 (bucket 8: rows 5..6 held real slots last step), then 2 (bucket 4).
@@ -568,10 +568,13 @@ def test_default_batch_sizes_and_pick_bucket() -> None:
     big = cg.default_batch_sizes(512)
     assert big[:3] == [1, 2, 4] and big[-10:] == [248, 256, 288, 320, 352, 384, 416, 448, 480, 512]
     assert len(big) == 3 + 32 + 8 and cg.default_batch_sizes(300)[-3:] == [256, 288, 300]
-    # the float32 logits every captured bucket keeps, which the KV budget leaves room for
+    huge = cg.default_batch_sizes(1024)
+    assert huge[:len(big)] == big and huge[len(big):] == [576, 640, 704, 768, 832, 896, 960, 1024]
+    assert cg.default_batch_sizes(600)[-3:] == [512, 576, 600]
+    # the graphs' one shared float32 logits buffer, which the KV budget leaves room for
     from shard.native.memory import graph_output_bytes
 
-    assert graph_output_bytes(20, 1000) == (1 + 2 + 4 + 8 + 16 + 20) * 1000 * 4
+    assert graph_output_bytes(20, 1000) == 20 * 1000 * 4
     assert graph_output_bytes(0, 1000) == 0
     sizes = cg.default_batch_sizes(32)
     assert [cg.pick_bucket(sizes, n) for n in (1, 3, 5, 17, 32, 33)] == [1, 4, 8, 24, 32, None]

@@ -262,28 +262,37 @@ def test_overlapped_decode_gives_the_plain_loops_generations(models):
     assert steps[:2] == [4, 4]
 
 
-def test_a_rider_without_room_ends_the_overlapped_call(models):
-    """A sequence that ended mid-call keeps writing K/V into its own blocks until the call ends;
-    with no block left for that, the call ends early (no error), and the rest carries on."""
+def test_an_ended_sequence_leaves_the_device_batch_mid_call_without_a_rebuild(models, monkeypatch):
+    """A sequence that ends rides one step (launched before its end was read), then a gather on
+    the device drops it from the batch: its blocks need room for that one step only, the call
+    runs all its steps and still carries, and the batch is never rebuilt on the host."""
+    from shard.native import batch as batch_mod
+
     hf = models[0]
     g = torch.Generator().manual_seed(6)
     long_prompt, short_prompt = (torch.randint(3, 290, (n,), generator=g).tolist() for n in (5, 2 * BS - 3))
     eng = make_engine(models, overlap=True)
     blocks = Blocks(eng.kv.num_blocks - 1)
-    # short: 2 new tokens and blocks for exactly prompt + 2 tokens + 1 (no slack for a rider)
+    # short: 2 new tokens and blocks for exactly prompt + 2 tokens + 1 (the one step it rides)
     short = NewRequest(id=2, input_ids=tuple(short_prompt), sampling=SamplingParams(),
                        stopping=StoppingParams(max_new_tokens=2, ignore_eos_token=True), blocks=tuple(blocks.take(2)))
     long = req(1, long_prompt, 9, blocks)
     gens = {1: [], 2: []}
     for x in eng.prefill([long, short]).generations:
         gens[x.request_id].append(x.token_id)
+    built = []
+    real_init = batch_mod.DecodeBatch.__init__
+    monkeypatch.setattr(batch_mod.DecodeBatch, "__init__", lambda self, **kw: (built.append(1), real_init(self, **kw))[1])
     first = eng.decode({}, 4)
-    assert first.steps == 3  # the short one ended at step 1; its 8 slots hold no K/V for a 4th step
+    # the short one ended at step 1 and rode step 2; steps 3 and 4 ran without it
+    assert first.steps == 4 and [s.id for s in eng._decode_rows] == [1]
+    assert eng._carried is not None and len(built) == 1  # the first launch's build only
     for x in first.generations:
         gens[x.request_id].append(x.token_id)
     while eng.seqs:
         for x in eng.decode({}, 4).generations:
             gens[x.request_id].append(x.token_id)
+    assert len(built) == 1
     assert gens == {1: hf_greedy(hf, long_prompt, 9), 2: hf_greedy(hf, short_prompt, 2)}
 
 

@@ -130,6 +130,24 @@ class DecodeBatch:
             self.block_tables.index_copy_(0, index, values)
         return True
 
+    def select(self, rows: Sequence[int], *, max_kv: int) -> DecodeBatch:
+        """The batch of `rows` (in that order), gathered on the device: sequences that ended leave
+        without the host state being current, so a step still in flight stays in flight (its
+        advance is queued before the gather, on the same stream). max_kv: the kept rows' longest
+        cache length (the host counts it at each launch)."""
+        device = self.input_ids.device
+        # non_blocking from pageable memory: staged at once, no wait for the step in flight
+        index = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        new = object.__new__(DecodeBatch)
+        new.block_size = self.block_size
+        new.input_ids = self.input_ids.index_select(0, index)
+        new.positions = self.positions.index_select(0, index)
+        new.block_tables = self.block_tables.index_select(0, index)
+        new.cu_seqlens_q = self.cu_seqlens_q[: len(rows) + 1]  # both are aranges: a prefix is one
+        new.logits_indices = self.logits_indices[: len(rows)]
+        new.max_kv = max_kv
+        return new
+
     def advance(self, sampled: torch.Tensor) -> None:
         """After a step: the sampled tokens become pending, every sequence grew by one."""
         self.input_ids.copy_(sampled)

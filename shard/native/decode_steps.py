@@ -72,25 +72,24 @@ class DecodeSteps:
         """Multi-step decode with the host one step behind the device: step k+1 is launched
         before step k's tokens are read back, so the host's per-step work (reading tokens, building
         Generations) runs while the GPU computes instead of between steps. Returns max_steps
-        tokens per sequence (fewer when sequences end; max_steps + 1 when the carried step, below,
-        had to be read at once).
+        tokens per sequence (fewer when sequences end).
 
         Carried step: the call's last launched step stays in flight when the call returns
         (_carried), so the GPU computes through the RPC turn-around (the router's work and the
         next Decode on its way); the next call returns its tokens first. Block extensions go into
         the device batch around it (_extend_in_flight); anything else that needs the host state
-        first reads it (_settle): its tokens wait in _orphans for the next Decode.
-        Only a call where nobody ended carries; the router grows every sequence by max_steps + 1
-        K/V slots (kv_planner.grow), which covers the carried step's.
+        first reads it (_settle): its tokens wait in _orphans for the next Decode. The router grows
+        every sequence by max_steps + 1 K/V slots (kv_planner.grow), which covers the carried
+        step's; a call carries whenever every row has that slot (_can_carry).
 
-        Riders: step k+1 is launched before anyone knows whether a sequence ended at step k, and
-        the host state is one step behind, so the batch cannot be rebuilt mid-call. A sequence
-        that ends (LENGTH, EOS or a stop id) rides along until the call ends: it stays a row of the
-        device batch, its K/V goes to its own blocks, its tokens are dropped, and the batch -- and
-        its CUDA graph -- keep their shape. The next call rebuilds the batch without it. At full
-        load some sequence ends at nearly every step; ending the call there made most calls one
-        step long (RPC and router work per token). A rider without room for the next K/V (a router
-        that grew it less) ends the call instead."""
+        Ended sequences: step k+1 is launched before anyone knows whether a sequence ended at step
+        k, so a sequence that ends rides along for one step: it stays a row of the device batch,
+        its K/V goes to its own blocks, its token is dropped. The next launch drops it from the
+        device batch by a gather on the device (_compact): the host state may be a step behind,
+        and a step may be in flight. A call therefore runs its max_steps, and carries, whether or
+        not somebody ended in it. (Before the gather, an ended sequence rode to the end of the call
+        and a call where somebody ended did not carry: the next call rebuilt the batch on the host
+        while the GPU sat idle -- 25-30 ms per such call at batch 512 on an H100.)"""
         out, self._orphans = self._orphans, []
         pending, self._carried = self._carried, None
         returned = 1 if out else 0  # steps whose tokens are in `out`; orphans come first
@@ -101,13 +100,7 @@ class DecodeSteps:
                     out.extend(self._finish_step(pending, rebuild=False))
                     returned += 1
                 pending = None
-                if launched is not None:
-                    if len(self._decode_rows) == len(self.seqs):
-                        self._carried = launched
-                    else:  # somebody ended at the last step: read the extra step now
-                        out.extend(self._finish_step(launched, rebuild=False))
-                break
-            if pending is not None and not self._riders_have_room():
+                self._carried = launched
                 break
             launched = self._launch_step()
             if pending is not None:
@@ -117,8 +110,6 @@ class DecodeSteps:
         if pending is not None:
             out.extend(self._finish_step(pending, rebuild=False))
             returned += 1
-        if self._carried is None and len(self._decode_rows) != len(self.seqs):
-            self._decode_batch = None  # somebody ended: the next call rebuilds
         return out, returned
 
     def _extend_in_flight(self, extensions: dict[int, Sequence[int]]) -> bool:
@@ -155,29 +146,41 @@ class DecodeSteps:
                 self._decode_batch = None
 
     def _can_carry(self) -> bool:
-        """Nobody has ended in this call (a rider would force a rebuild under a step in flight),
-        and every row has a slot for one more step's K/V."""
+        """Every row of the next launch has a slot for its K/V: the running sequences, and those
+        that ended in the step in flight (not known yet, they ride along)."""
         if self._decode_batch is None:  # the next launch rebuilds the batch from every sequence
             rows = list(self.seqs.values())
-        elif len(self._decode_rows) != len(self.seqs):
-            return False
-        else:
-            rows = self._decode_rows
+        else:  # the next launch drops the rows known to have ended (_compact)
+            rows = [s for s in self._decode_rows if self.seqs.get(s.id) is s]
         return all(len(s.blocks) * self.block_size > s.kv_len for s in rows)
 
-    def _riders_have_room(self) -> bool:
-        """Every row that has ended still has a slot for the next step's K/V."""
-        return all(
-            len(s.blocks) * self.block_size > s.kv_len for s in self._decode_rows if self.seqs.get(s.id) is not s
-        )
+    def _compact(self) -> None:
+        """Drops the rows whose sequence has ended (or left) from the device batch and its sampling
+        batch, by a gather on the device: no host sync, a step in flight stays in flight. The
+        running set must be a subset of the rows (anything that adds a sequence rebuilds)."""
+        db, rows = self._decode_batch, self._decode_rows
+        if db is None or len(rows) == len(self.seqs):
+            return
+        keep = [i for i, s in enumerate(rows) if self.seqs.get(s.id) is s]
+        if len(keep) != len(self.seqs):
+            raise RuntimeError("running sequences missing from the decode batch (a rebuild was skipped)")
+        kept = [rows[i] for i in keep]
+        self._decode_batch = db.select(keep, max_kv=max((s.kv_len for s in kept), default=0))
+        self._decode_rows = kept
+        if self._sampling_batch is not None:
+            self._sampling_batch = self._sampling_batch.select(keep)
 
     def _launch_step(self) -> LaunchedStep:
         """Queues one decode step (forward, sampling, the tokens' copy to the host) without waiting
         for it, and advances the device-side batch. Host state (tokens, counts) waits for
         _finish_step; kv_len counts the K/V this step writes."""
         if self._gaps is not None:
-            self._gaps.begin(self._step_kind)
+            kind = self._step_kind
+            if kind == "call" and self._decode_batch is None:
+                kind = "call, rebuilt"  # the batch is built on the host first (the GPU may be idle)
+            self._gaps.begin(kind)
             self._step_kind = "step"
+        self._compact()
         if self._decode_batch is None:
             rows = list(self.seqs.values())
             self._decode_rows = rows
@@ -195,7 +198,7 @@ class DecodeSteps:
                 width=min(width + TABLE_HEADROOM, max(cap, width)),
             )
         db = self._decode_batch
-        seqs = self._decode_rows  # rows that ended this call stay (see _decode_overlapped)
+        seqs = self._decode_rows  # rows that ended in the step in flight ride along (_decode_overlapped)
         for s in seqs:  # a sequence may outgrow its blocks within a multi-step call
             if len(s.blocks) * self.block_size <= s.kv_len:
                 raise InvalidRequestError(f"Decode: request {s.id} has no room for its next token")

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # lets the router keep multi-step decode calls (router/scheduler.py). Measured on one H100, 128/128
 # with 1,024 prompts at once: 6,676 output tok/s capped at 256 vs 6,032 uncapped (second session);
 # 12,137 capped at 512 vs 11,441 at 256, same device call (fourth session).
-MAX_GRAPH_BATCH = 512
+MAX_GRAPH_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class NativeEngine(PrefillSteps, DecodeSteps):
         assert self.kv is not None
         kv = self.kv
         self._graphs = GraphedDecode(
-            lambda batch: self.model(batch, kv),
+            lambda batch, out: self.model(batch, kv, logits_out=out),
             max_batch_size=self.graph_max_batch(spec),
             max_blocks_per_seq=math.ceil((spec.max_total_tokens + 1) / self.block_size),
             vocab_size=self.mc.vocab_size,
@@ -212,6 +212,9 @@ class NativeEngine(PrefillSteps, DecodeSteps):
     @torch.inference_mode()
     def decode(self, extensions: dict[int, Sequence[int]], max_steps: int) -> StepResult:
         self._bind_device()
+        if self._gaps is not None:
+            self._gaps.call_start()
+        self._compact()  # rows that ended in the last call leave the device batch first
         if extensions and not self._extend_in_flight(extensions):
             self._settle()  # the batch is rebuilt with the new blocks, from current host state
             self._extend(extensions)
@@ -224,6 +227,8 @@ class NativeEngine(PrefillSteps, DecodeSteps):
             while steps < max(1, max_steps) and self.seqs:
                 out.extend(self._finish_step(self._launch_step()))
                 steps += 1
+        if self._gaps is not None:
+            self._gaps.call_end(steps=steps, tokens=len(out))
         return StepResult(generations=out, steps=steps, forward_ns=time.perf_counter_ns() - start)
 
     def filter(self, remove_ids: Sequence[int]) -> int:

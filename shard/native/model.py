@@ -312,8 +312,10 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.backend = backend
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
-        """float32 logits (len(batch.logits_indices), vocab_size), the full vocabulary on every rank.
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache, logits_out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits (len(batch.logits_indices), vocab_size), the full vocabulary on every rank;
+        written into `logits_out` when given (a CUDA graph's static output: the bf16 -> float32
+        conversion writes there instead of into a new tensor) and returned.
 
         A model without a head (an earlier pipeline stage) returns the (T, hidden) hidden states of
         every token instead. kv_cache holds this model's layers only (layer i at index i)."""
@@ -324,17 +326,18 @@ class LlamaForCausalLM(nn.Module):
         else:
             rope = Rope(*self.rotary_emb(batch.positions, h.dtype))
         if self.fused_rope:  # the fused path: residual adds ride in the norm kernels
-            return self._forward_fused(h, rope, kv_cache, meta, batch.logits_indices)
+            return self._forward_fused(h, rope, kv_cache, meta, batch.logits_indices, logits_out)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, kv_cache.k[i], kv_cache.v[i], meta)
         if self.lm_head is None or self.norm is None:
             return h
         # Norm is per row, so only the rows that need logits are normalized and projected.
         h = self.norm(h[batch.logits_indices])
-        return self.lm_head(h).float()
+        return _to_float(self.lm_head(h), logits_out)
 
     def _forward_fused(
-        self, h: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata, rows: torch.Tensor
+        self, h: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata, rows: torch.Tensor,
+        logits_out: torch.Tensor | None,
     ) -> torch.Tensor:
         from shard.native.kernels.norm import add_rms_norm
 
@@ -346,7 +349,7 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None or self.norm is None:
             return h + pending
         x, _ = add_rms_norm(pending[rows], h[rows], self.norm.weight, self.norm.eps)
-        return self.lm_head(x).float()
+        return _to_float(self.lm_head(x), logits_out)
 
     def hf_names(self, name: str) -> list[str]:
         """Hugging Face tensors making up parameter `name`, in dim-0 concatenation order."""
@@ -360,3 +363,10 @@ class LlamaForCausalLM(nn.Module):
         parts = PACKED_MODULES.get(module, (module,))
         prefix = f"model.{parent}." if parent else "model."
         return [f"{prefix}{p}.{leaf}" for p in parts]
+
+
+def _to_float(logits: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """(rows, vocab) logits as float32: a new tensor, or written into `out`."""
+    if out is None:
+        return logits.float()
+    return out.copy_(logits)
