@@ -34,6 +34,7 @@ from bench.common import (
 )
 from bench.engine_bench import launched_shards
 from bench.serve_bench import level_result, levels_table, num_prompts_for, parse_counters, plan
+from router import gc_policy
 from router.backend import Backend
 from router.config import parse_args as parse_router_args
 from router.errors import OverloadedError
@@ -96,6 +97,11 @@ async def run_benchmark(
     vocab = [i for i in range(min(tok.vocab_size, backend.info.vocab_size)) if not tok.is_special(i)]
     rng = random.Random(args.seed)
     results: list[dict[str, Any]] = []
+    # The router's garbage-collector policy, as router/__main__.py applies it after start-up:
+    # without it, full collections over this process's heap stalled the scheduler's event loop
+    # ~250 ms twice in a 9 s run at 128/128 (bench/call_trace.py, ninth session), which the
+    # router serving HTTP does not suffer.
+    gc_policy.tune_after_startup()
     try:
         for preset, levels, counts in plan(args):
             in_len, out_len = (int(x) for x in preset.split("/"))

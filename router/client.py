@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import grpc
 
-from router import metrics
+from router import calltrace, metrics
 from router.errors import GenerationError
 from router.pb import generate_pb2 as pb
 from router.pb import generate_pb2_grpc as pb_grpc
@@ -138,9 +138,13 @@ class ShardedClient:
             decode_running=decode_running,
             extensions=[pb.BlockExtension(request_id=i, blocks=b) for i, b in extensions],
         )
+        calltrace.mark("send", "prefill")
         resp = await self._fan_out(lambda s: s.Prefill(req))
+        calltrace.mark("recv", "prefill")
         metrics.BATCH_SHARD_DURATION.labels(method="prefill").observe(resp.timings.total_ns / 1e9)
-        return list(resp.generations), token_rows(resp.decode_tokens), resp.timings.forward_ns
+        out = list(resp.generations), token_rows(resp.decode_tokens), resp.timings.forward_ns
+        calltrace.mark("parsed", "prefill")
+        return out
 
     async def decode(
         self, extensions: Iterable[tuple[int, Sequence[int]]], max_steps: int
@@ -149,9 +153,13 @@ class ShardedClient:
         req = pb.DecodeRequest(
             extensions=[pb.BlockExtension(request_id=i, blocks=b) for i, b in extensions], max_steps=max_steps
         )
+        calltrace.mark("send", "decode")
         resp = await self._fan_out(lambda s: s.Decode(req))
+        calltrace.mark("recv", "decode")
         metrics.BATCH_SHARD_DURATION.labels(method="decode").observe(resp.timings.total_ns / 1e9)
-        return token_rows(resp.tokens), resp.timings.forward_ns
+        rows = token_rows(resp.tokens)
+        calltrace.mark("parsed", "decode")
+        return rows, resp.timings.forward_ns
 
     async def filter(self, remove_ids: Sequence[int]) -> None:
         req = pb.FilterBatchRequest(remove_ids=remove_ids)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
-from router import metrics
+from router import calltrace, metrics
 from router.batch_policy import admit, nobody_can_join, plan_growth
 from router.client import ShardedClient, TokenRow, prefill_out, to_pb_request, token_out
 from router.errors import GenerationError, OverloadedError
@@ -260,6 +260,7 @@ class Scheduler:
             if entry.handle.prefill is None:
                 entry.handle.prefill = prefill_out(gen)
             self._deliver(entry, token_out(gen))
+        calltrace.mark("delivered", "prefill")
 
     async def _decode(self, steps: int) -> None:
         self._unsent.extend(self._plan_growth(steps))
@@ -273,6 +274,7 @@ class Scheduler:
         metrics.BATCH_FORWARD_DURATION.labels(method="decode").observe(forward_ns / 1e9)
         metrics.BATCH_INFERENCE_COUNT.labels(method="decode").inc()
         self._deliver_steps(self.running, generations)
+        calltrace.mark("delivered", "decode")
 
     def _take_unsent(self) -> list[tuple[int, list[int]]]:
         """Planned extensions of entries still running, one per entry (blocks in planning order:
@@ -302,6 +304,7 @@ class Scheduler:
         router's time per token) then runs while the engine computes. Pushed first, they would
         run first -- asyncio runs ready tasks in order -- and the engine would wait for them
         (measured on an H100 at max load: the router's work and the engine's steps added up)."""
+        calltrace.mark("call", "")
         task = asyncio.ensure_future(call)
         if self._outbox:
             await asyncio.sleep(0)  # the call's first step runs and queues its gRPC sends

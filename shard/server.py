@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from shard import calltrace
 from shard.config import ShardConfig
 from shard.convert import (
     columns_to_pb,
@@ -188,8 +189,11 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
+        calltrace.mark("in", "prefill")
+
         def run() -> pb.PrefillResponse:
             started = time.perf_counter_ns()
+            calltrace.mark("engine_start", "prefill")
             requests = [request_from_pb(r) for r in request.requests]
             if request.decode_running:
                 if not self._engine.info().supports_mixed_batches:
@@ -199,29 +203,42 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
                 raise InvalidRequestError("Prefill.extensions need decode_running")
             else:
                 result = self._engine.prefill(requests)
-            return pb.PrefillResponse(
+            calltrace.mark("engine_end", "prefill")
+            resp = pb.PrefillResponse(
                 generations=[generation_to_pb(g) for g in result.generations],
                 timings=timings_to_pb(result, started),
                 decode_tokens=columns_to_pb(result.decode_generations),
             )
+            calltrace.mark("built", "prefill")
+            return resp
 
-        return await self._on_worker(run)
+        resp = await self._on_worker(run)
+        calltrace.mark("out", "prefill")
+        return resp
 
     @error_boundary
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
         if request.max_steps < 1:
             raise InvalidRequestError("Decode.max_steps must be >= 1")
 
+        calltrace.mark("in", "decode")
+
         def run() -> pb.DecodeResponse:
             started = time.perf_counter_ns()
+            calltrace.mark("engine_start", "decode")
             result = self._engine.decode(extensions_from_pb(request.extensions), request.max_steps)
-            return pb.DecodeResponse(
+            calltrace.mark("engine_end", "decode")
+            resp = pb.DecodeResponse(
                 tokens=columns_to_pb(result.generations),
                 steps=result.steps,
                 timings=timings_to_pb(result, started),
             )
+            calltrace.mark("built", "decode")
+            return resp
 
-        return await self._on_worker(run)
+        resp = await self._on_worker(run)
+        calltrace.mark("out", "decode")
+        return resp
 
     @error_boundary
     async def FilterBatch(

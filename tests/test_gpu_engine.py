@@ -152,8 +152,9 @@ def test_gpu_gaps_books_every_transition_and_changes_no_token(tmp_path, monkeypa
     assert runs["0"] == runs["1"]
     gaps.collect()
     assert gaps.busy_ms > 0
-    assert {"prefill->call", "call->step", "step->call"} <= set(gaps.count), gaps.count
+    assert {"prefill->call, rebuilt", "step->step", "step->call"} <= set(gaps.count), gaps.count
     assert gaps.count["call->step"] >= 3 and all(v >= 0 for v in gaps.idle_ms.values())
+    assert gaps.away["multi-step"][0] >= 2 and gaps.away["multi-step"][2] > 0  # host time between calls
     print("gpu gaps:", gaps.summary())
 
 

@@ -13,6 +13,11 @@ what comes now):
 Gaps over NO_WORK_MS are a server without work and are kept apart. Rank 0 logs the running
 totals every LOG_EVERY_S seconds of work: "gpu gaps: busy ... idle ... by transition ...";
 bench/sched_bench.py --shard-log keeps the log.
+
+On the host's clock it also books each Decode call's time away from the engine: from the end of
+one engine call (its tokens read) to the start of the next Decode, i.e. building the answer, the
+RPC both ways and the router's work between calls -- what the carried step has to cover. Split by
+whether the call before ran one step or several ("away: 1-step calls ... multi-step calls ...").
 """
 
 from __future__ import annotations
@@ -47,6 +52,30 @@ class GpuGaps:
         self.idle_ms: dict[str, float] = {}
         self.count: dict[str, int] = {}
         self._logged = time.monotonic()
+        # Host time away from the engine between Decode calls (call_end -> call_start), keyed by
+        # whether the call before ran one step or more: [calls, ms, tokens returned].
+        self.away: dict[str, list[float]] = {"1-step": [0, 0.0, 0], "multi-step": [0, 0.0, 0]}
+        self._call_end: tuple[float, str, int] | None = None
+
+    def call_start(self) -> None:
+        """A Decode call enters the engine."""
+        if self._call_end is not None:
+            ended, key, tokens = self._call_end
+            gap_ms = (time.perf_counter() - ended) * 1e3
+            if gap_ms <= NO_WORK_MS:
+                book = self.away[key]
+                book[0] += 1
+                book[1] += gap_ms
+                book[2] += tokens
+        self._call_end = None
+
+    def call_end(self, *, steps: int, tokens: int) -> None:
+        """A Decode call leaves the engine with `tokens` tokens from `steps` steps."""
+        self._call_end = (time.perf_counter(), "1-step" if steps <= 1 else "multi-step", tokens)
+
+    def not_a_decode(self) -> None:
+        """Anything else ran between two Decode calls (a Prefill): the next gap is not booked."""
+        self._call_end = None
 
     def begin(self, kind: str) -> None:
         """Before the piece's first kernel (its input copies included)."""
@@ -90,7 +119,12 @@ class GpuGaps:
         parts = ", ".join(
             f"{k} {v:.0f} ms/{self.count[k]}" for k, v in sorted(self.idle_ms.items(), key=lambda kv: -kv[1])
         )
+        away = "; ".join(
+            f"{k} calls {int(n)}, {ms:.0f} ms, {ms / n:.1f} ms each, {1e3 * ms / max(1, tok):.2f} us/token"
+            for k, (n, ms, tok) in self.away.items()
+            if n
+        )
         return (
             f"busy {self.busy_ms:.0f} ms idle {idle:.0f} ms (no work {self.no_work_ms:.0f} ms) "
-            f"by transition: {parts}"
+            f"by transition: {parts}; away between Decode calls: {away or 'none'}"
         )

@@ -55,6 +55,7 @@ class PrefillSteps:
             carried, self._orphans = self._orphans, []
         start = time.perf_counter_ns()
         if self._gaps is not None:
+            self._gaps.not_a_decode()
             self._gaps.begin("prefill")
         batch = build_prefill(
             new_tokens=[s.tokens[-1:] for s in running] + [s.tokens[r.prefix_len :] for s, r in zip(new, requests, strict=True)],
