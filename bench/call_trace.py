@@ -8,7 +8,8 @@ Each shard call's events pair up in order: router "send" -> shard "in", "engine_
 "engine_end", "built", "out" -> router "recv", "parsed", "delivered" (the router's "call" marks
 when the scheduler started it). For each pair of consecutive Decode calls it splits the host time
 from the first call's engine end to the next one's engine start -- what the carried step has to
-cover -- into its stages, and prints the mean, p50 and max of each (ms).
+cover -- into its stages, and prints the mean, p50 and max of each (ms), by transition
+(decode -> decode, decode -> prefill, ...).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def turnarounds(cs: list[dict[str, float]]) -> dict[str, list[dict[str, float]]]
     ]
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     for a, b in zip(cs, cs[1:], strict=False):
-        if a["method"] != "decode" or b["method"] != "decode":
+        if b["engine_start"] - a["engine_end"] > 0.5:  # between benchmark levels: no work
             continue
         row = {name: (a[y] - a[x]) * 1e3 for name, x, y in stages}
         row["router: next call planned"] = (b.get("call", b["send"]) - a["delivered"]) * 1e3
@@ -76,14 +77,14 @@ def turnarounds(cs: list[dict[str, float]]) -> dict[str, list[dict[str, float]]]
         row["shard: to the engine"] = (b["engine_start"] - b["in"]) * 1e3
         row["total"] = (b["engine_start"] - a["engine_end"]) * 1e3
         row["engine"] = (a["engine_end"] - a["engine_start"]) * 1e3
-        groups["all"].append(row)
+        groups[f"{a['method']} -> {b['method']}"].append(row)
     return groups
 
 
 def main() -> None:
     cs = calls(sys.argv[1])
     for name, rows in turnarounds(cs).items():
-        print(f"{name}: {len(rows)} Decode -> Decode turnarounds, mean ms per stage")
+        print(f"{name}: {len(rows)} turnarounds, ms per stage")
         for key in rows[0]:
             vals = sorted(r[key] for r in rows)
             print(f"  {key:28s} mean {sum(vals) / len(vals):7.2f}  p50 {vals[len(vals) // 2]:7.2f}  max {vals[-1]:7.2f}")

@@ -112,3 +112,34 @@ def check_stack(case, tp: int, pp: int) -> None:
             assert r.status_code == 200, f"{r.text}\n--- stack log ---\n{stack.log()[-5000:]}"
             ours = [t["id"] for t in r.json()["details"]["tokens"]]
             assert ours == expect, f"TP={tp} PP={pp} prompt {i}: {margin(i, ours)}"
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 1), (1, 2)])
+def test_stack_concurrent_requests_ending_mid_call(model, tp: int, pp: int) -> None:
+    """Three requests in one running batch, ending at different steps inside multi-step Decode
+    calls: each ended row leaves the device batch by a gather on every rank while the others go
+    on (decode_steps._compact). Each still gets transformers' greedy tokens (a prefix of them)."""
+    if GPUS < tp * pp:
+        pytest.skip(f"needs {tp * pp} GPUs, has {GPUS}")
+    import asyncio
+
+    folder, extra_args, prompts, want, margin = model
+    lengths = (3, NEW_TOKENS, 7)  # with 4 steps per call: ends at steps 2 and 6 of the calls
+    args = ["--model-id", str(folder), "--tokenizer-name", str(TOKENIZER), "--dtype", "float32",
+            "--device", "cuda", "--num-shard", str(tp), "--pipeline-parallel-size", str(pp),
+            "--max-input-tokens", "512", "--max-total-tokens", "1024", *extra_args]  # fmt: skip
+
+    async def ask(base_url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(
+                client.post(base_url + "/generate", json={"inputs": prompt, "parameters": {
+                    "max_new_tokens": n, "details": True, "ignore_eos_token": True}})
+                for prompt, n in zip(prompts, lengths, strict=True)
+            ))  # fmt: skip
+
+    with running_stack(args, timeout=300) as stack:
+        for _ in range(2):  # the second round finds the graphs and batch state of the first
+            for i, r in enumerate(asyncio.run(ask(stack.base_url))):
+                assert r.status_code == 200, f"{r.text}\n--- stack log ---\n{stack.log()[-5000:]}"
+                ours = [t["id"] for t in r.json()["details"]["tokens"]]
+                assert ours == want[i][: lengths[i]], f"TP={tp} PP={pp} prompt {i}: {margin(i, ours)}"
