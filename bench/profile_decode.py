@@ -2,6 +2,7 @@
 graphs, the bare graph replay, and a kernel table from torch.profiler (eager). One GPU.
 
     python3 -m bench.profile_decode [--model llama-3.1-8b] [--batch 1] [--context 128]
+        [--prefill-sort cuda_time_total]
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--prefill-sort", default="cpu_time_total",
+                    help="the prefill kernel table's order (cuda_time_total: where its GPU time goes)")
     args = ap.parse_args()
     model, mc = load_model(args.model, dtype=torch.bfloat16, device=torch.device("cuda"), tp=TPGroup.single(),
                            load_format="dummy", attention=get_attention_backend("triton"))
@@ -85,7 +88,7 @@ def main() -> None:
             eng.clear()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 start(eng, args.batch, args.context, 4)
-            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by=args.prefill_sort, row_limit=18, max_name_column_width=60))
         eng.shutdown()
         del eng
         torch.cuda.empty_cache()
