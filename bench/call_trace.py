@@ -9,7 +9,8 @@ Each shard call's events pair up in order: router "send" -> shard "in", "engine_
 when the scheduler started it). For each pair of consecutive Decode calls it splits the host time
 from the first call's engine end to the next one's engine start -- what the carried step has to
 cover -- into its stages, and prints the mean, p50 and max of each (ms), by transition
-(decode -> decode, decode -> prefill, ...).
+(decode -> decode, decode -> prefill, ...). With serve_bench's client trace it also prints, per
+level, how long the requests took to reach the router's scheduler.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def calls(prefix: str) -> list[dict[str, float]]:
             out[-1][ev] = t
     i, created = -1, None
     for ev, _method, t in load(router[0]):
+        if ev in ("submit", "http"):
+            continue
         if ev == "call":
             created = t
         elif ev == "send":
@@ -81,7 +84,37 @@ def turnarounds(cs: list[dict[str, float]]) -> dict[str, list[dict[str, float]]]
     return groups
 
 
+def arrivals(prefix: str) -> list[str]:
+    """With a client trace (bench/serve_bench.py writes each level's start): how long after the
+    client started sending the router admitted its first and last request (Scheduler.submit),
+    and sent its first shard call."""
+    clients, router = glob.glob(f"{prefix}.client.*.jsonl"), sorted(glob.glob(f"{prefix}.router.*.jsonl"))
+    if not clients or not router:
+        return []
+    starts = sorted((t, int(n)) for p in clients for ev, n, t in load(p) if ev == "level_start")
+    rev = load(router[0])
+    out = []
+    for i, (t0, n) in enumerate(starts):
+        t_next = starts[i + 1][0] if i + 1 < len(starts) else float("inf")
+        subs = [t for ev, _, t in rev if ev == "submit" and t0 <= t < t_next][:n]
+        https = [t for ev, _, t in rev if ev == "http" and t0 <= t < t_next][:n]
+        sends = [t for ev, _, t in rev if ev == "send" and t0 <= t < t_next]
+        if subs and sends:
+            reached = (
+                f"first reached the app after {1e3 * (https[0] - t0):.0f} ms, the {len(https)}th after "
+                f"{1e3 * (https[-1] - t0):.0f} ms; " if https else ""
+            )
+            out.append(
+                f"level of {n} requests: {reached}first admitted after {1e3 * (subs[0] - t0):.0f} ms, "
+                f"the {len(subs)}th after {1e3 * (subs[-1] - t0):.0f} ms; first shard call after "
+                f"{1e3 * (sends[0] - t0):.0f} ms"
+            )
+    return out
+
+
 def main() -> None:
+    for line in arrivals(sys.argv[1]):
+        print(line)
     cs = calls(sys.argv[1])
     for name, rows in turnarounds(cs).items():
         print(f"{name}: {len(rows)} turnarounds, ms per stage")

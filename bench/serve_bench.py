@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import random
 import shlex
 import time
@@ -153,8 +154,18 @@ async def run_level(
                 )
 
         t0 = time.perf_counter()
+        _trace_level_start(t0, len(prompts))
         records = await asyncio.gather(*(one(p) for p in prompts))
         return list(records), time.perf_counter() - t0
+
+
+def _trace_level_start(t0: float, n: int) -> None:
+    """With TGI_CALL_TRACE=PREFIX (as for the router and shards): the level's start on the same
+    host clock, so bench/call_trace.py can tell how long the requests took to reach the router."""
+    prefix = os.environ.get("TGI_CALL_TRACE", "")
+    if prefix:
+        with open(f"{prefix}.client.{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps(["level_start", str(n), t0]) + "\n")
 
 
 def level_result(

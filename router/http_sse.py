@@ -11,6 +11,8 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from router import calltrace
+
 OPENAI_DONE = b"data: [DONE]\n\n"
 # Scope key of the HTTP server's own `send` (with_raw_send): an event stream's body chunks go
 # straight to it.
@@ -115,6 +117,7 @@ def with_raw_send(app: ASGIApp) -> ASGIApp:
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope[RAW_SEND] = send
+            calltrace.mark("http", "")  # TGI_CALL_TRACE: a request reached the app
         await app(scope, receive, send)
 
     return asgi

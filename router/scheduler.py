@@ -97,6 +97,7 @@ class Scheduler:
         self.waiting.push(entry)
         metrics.QUEUE_SIZE.set(len(self.waiting))
         self._wakeup.set()
+        calltrace.mark("submit", "")
         return handle
 
     def _cancel(self, entry: Entry) -> None:
