@@ -268,8 +268,10 @@ def test_engine_bench_against_a_real_shard(tmp_path):
     assert data["prefill"][0]["input_len"] == 32 and data["prefill"][0]["prefill_ms"]["n"] == 1
 
 
-def test_sched_bench_runs_the_router_scheduler_against_a_real_shard(tmp_path):
+def test_sched_bench_runs_the_router_scheduler_against_a_real_shard(tmp_path, monkeypatch):
     from bench.sched_bench import main
+
+    monkeypatch.setenv("ROUTER_GC_TUNING", "0")  # the router's GC policy is for its own process
     from launcher.embedded import embedded_model_path
 
     out = tmp_path / "sched.json"
@@ -403,3 +405,42 @@ def test_levels_table_shows_gpu_busy_per_gpu_or_a_dash():
     header, first, second = table.splitlines()[:3]
     assert header.split()[-3:] == ["GPU", "busy", "%"]
     assert first.split()[-1] == "87.9/12.5" and second.split()[-1] == "-"
+
+
+def test_call_trace_pairs_a_real_stacks_calls_stage_by_stage(tmp_path, monkeypatch):
+    """TGI_CALL_TRACE on a real shard (subprocess) and the router's scheduler (this process):
+    bench.call_trace pairs every router call with the shard's, and the stages of each come out in
+    order (a call paired with the wrong one would show a negative stage)."""
+    import importlib
+
+    import bench.call_trace as ct
+    import router.calltrace
+    from bench.sched_bench import main
+    from launcher.embedded import embedded_model_path
+
+    prefix = tmp_path / "tr"
+    monkeypatch.setenv("ROUTER_GC_TUNING", "0")  # the router's GC policy is for its own process
+    monkeypatch.setenv("TGI_CALL_TRACE", str(prefix))
+    importlib.reload(router.calltrace)  # it reads the variable at import
+    try:
+        router_args = f"--tokenizer-name {embedded_model_path()} --max-input-tokens 64 --max-total-tokens 128"
+        rc = main(
+            ["--launch", "--shard-args", "--model-id llama-tiny --load-format dummy --dtype float32",
+             "--router-args", router_args, "--plan", "24/12|inf|3", "--out", str(tmp_path / "s.json")]
+        )  # fmt: skip
+        assert rc == 0
+    finally:
+        monkeypatch.delenv("TGI_CALL_TRACE")
+        importlib.reload(router.calltrace)
+    calls = ct.calls(str(prefix))
+    assert len(calls) >= 4 and {c["method"] for c in calls} == {"prefill", "decode"}
+    order = ["send", "in", "engine_start", "engine_end", "built", "out", "recv", "parsed", "delivered"]
+    for c in calls:
+        times = [c[k] for k in order]
+        assert times == sorted(times), c
+    groups = ct.turnarounds(calls)
+    rows = groups["decode -> decode"]
+    assert rows
+    for r in rows:
+        stages = sum(v for k, v in r.items() if k not in ("total", "engine"))
+        assert all(v >= 0 for v in r.values()) and stages == pytest.approx(r["total"], abs=1e-6)

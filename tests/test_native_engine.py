@@ -296,6 +296,23 @@ def test_an_ended_sequence_leaves_the_device_batch_mid_call_without_a_rebuild(mo
     assert gens == {1: hf_greedy(hf, long_prompt, 9), 2: hf_greedy(hf, short_prompt, 2)}
 
 
+def test_decode_batch_select_gathers_rows_after_an_advance():
+    """DecodeBatch.select keeps the chosen rows of the device state as advanced so far (pending
+    token, position, block table) and renumbers the rest: the batch a launch after _compact sees."""
+    from shard.native.batch import DecodeBatch
+
+    db = DecodeBatch(last_tokens=[5, 6, 7], kv_lens=[3, 17, 9], block_tables=[[1], [2, 3], [4]],
+                     block_size=16, device=torch.device("cpu"), width=4)  # fmt: skip
+    db.advance(torch.tensor([50, 60, 70]))
+    kept = db.select([2, 0], max_kv=10)
+    assert kept.input_ids.tolist() == [70, 50] and kept.positions.tolist() == [10, 4]
+    assert kept.block_tables.tolist() == [[4, 0, 0, 0], [1, 0, 0, 0]]
+    fb = kept.forward_batch()
+    assert fb.slot_mapping.tolist() == [4 * 16 + 10, 1 * 16 + 4] and fb.seq_lens.tolist() == [11, 5]
+    assert fb.cu_seqlens_q.tolist() == [0, 1, 2] and fb.logits_indices.tolist() == [0, 1]
+    assert fb.max_seqlen_k == 11 and db.input_ids.tolist() == [50, 60, 70]  # the old batch is untouched
+
+
 def test_carried_step_survives_prefill_filter_and_extensions(models):
     """The overlapped loop leaves its last step in flight when a call returns; Prefill, FilterBatch
     and block extensions read it first and the next Decode returns its tokens. Every request
