@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     app, backend = build(argv)
     cfg = backend.config
     log.info("config: %r", cfg)
-    uvicorn.run(with_raw_send(app), host=cfg.hostname, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    # proxy_headers off: nothing here reads the client address (no access log), and rewriting it
+    # from X-Forwarded-* cost ~3% of the event loop's time per request (py-spy, router_bench).
+    uvicorn.run(
+        with_raw_send(app), host=cfg.hostname, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5,
+        proxy_headers=False,
+    )
 
 
 if __name__ == "__main__":

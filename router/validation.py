@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import functools
 import math
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -78,8 +79,13 @@ class ValidRequest:
         return dataclasses.replace(self, request=dataclasses.replace(self.request, sampling=sampling))
 
 
+# Sampling seeds need no cryptographic strength (TGI draws them from a thread-local PRNG): one
+# generator seeded from the OS at start-up, instead of an os.urandom call per request (secrets).
+_SEEDS = random.Random(secrets.randbits(64))
+
+
 def random_seed() -> int:
-    return secrets.randbits(64)
+    return _SEEDS.getrandbits(64)
 
 
 def _check_range(p: Params, limits: Limits, *, stream: bool) -> None:
