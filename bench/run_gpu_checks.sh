@@ -12,9 +12,10 @@
 #   equal   HTTP vs engine at the same load: one wave of B prompts (128 in, 128 out) through HTTP
 #           (serve_bench, all at once) and over gRPC (engine_bench, the same prefill chunks, 127 decode
 #           steps at the router's 4 per call), B = 1, 64, 256; prints HTTP tok/s / engine tok/s
-#   oneshot TP=2 with the one-shot all-reduce (SHARD_ONE_SHOT_ALLREDUCE=1): engine bench beside
-#           NCCL's and TP=1 on the same host, then the TP stack and unit tests with it on; a run
-#           still going after 170 s gets SIGUSR1 (every rank prints its Python stacks) first
+#   fused   TP=2 with the decode reduces fused into the norms (fast_allreduce.py, the default) beside
+#           NCCL + norm (SHARD_FUSED_ALLREDUCE=0) and TP=1, engine bench on the same host; the kernel
+#           alone first (bench/allreduce_bench.py: any hang shows there, under a timeout), then the
+#           TP unit tests and the whole-stack TP=2 tests with it on
 #   maxload max-load HTTP serving, TP=1, --max-batch-size 256: 128/128 with 1,024 prompts at once
 #           (first from the checkout in BASE, if set, for a same-machine baseline), then 2048/128 and
 #           1000/1000 (MAXLOAD_MORE=0 skips those; MAXLOAD_BATCH=512 raises the cap; with
@@ -44,7 +45,7 @@ engine() {  # engine NAME NUM_SHARD STEPS_PER_CALL [env...]
   echo "=== engine $name"
   env "$@" timeout -k 30 200 $PY -m bench.engine_bench --launch --model-id llama-3.1-8b --num-shard "$n" \
     --shard-args "--load-format dummy --dtype bfloat16" --batch-sizes 1,64 --input-len 128 --decode-steps 64 \
-    --prefill-lens 1024 --runs 2 --steps-per-call "$spc" --out "$OUT/engine-$name.json" 2>&1 \
+    --prefill-lens 1024 --runs 2 --steps-per-call "$spc" --out "$OUT/engine-$name.json" --shard-log "$OUT/shards-$name.log" 2>&1 \
     | grep -v '^\[shard\|^INFO\|^WARNING' | tail -n 8
 }
 if has bench; then
@@ -69,28 +70,19 @@ if has router; then
   echo "=== router"
   timeout -k 30 200 $PY -m bench.router_bench --tokenizer "$TOKENIZER" --concurrency 256,1024 --out "$OUT/router.json" 2>&1 | tail -n 5
 fi
-if has oneshot && [ "$GPUS" -ge 2 ]; then
-  echo "=== oneshot"
-  engine tp1-same-host 1 4
-  engine tp2-nccl 2 4
-  echo "=== engine tp2-oneshot (full log: $OUT/engine-tp2-oneshot.log)"
-  SHARD_ONE_SHOT_ALLREDUCE=1 timeout -k 30 230 $PY -m bench.engine_bench --launch --model-id llama-3.1-8b \
-    --num-shard 2 --shard-args "--load-format dummy --dtype bfloat16" --batch-sizes 1,64 --input-len 128 \
-    --decode-steps 64 --prefill-lens 1024 --runs 2 --steps-per-call 4 --out "$OUT/engine-tp2-oneshot.json" \
-    --shard-log "$OUT/shards-tp2-oneshot.log" \
-    > "$OUT/engine-tp2-oneshot.log" 2>&1 &
-  bench_pid=$!
-  for _ in $(seq 170); do kill -0 $bench_pid 2>/dev/null || break; sleep 1; done
-  if kill -0 $bench_pid 2>/dev/null; then
-    echo "still running after 170 s: stacks to the log"
-    pkill -USR1 -f "python3? -m shard" ; sleep 5
+if has fused && [ "$GPUS" -ge 2 ]; then
+  echo "=== fused: kernel alone"
+  if timeout -k 10 150 $PY -m bench.allreduce_bench --out "$OUT/allreduce.json" > "$OUT/allreduce.log" 2>&1; then
+    tail -n 8 "$OUT/allreduce.log"
+    engine tp1-same-host 1 4
+    engine tp2-nccl 2 4 SHARD_FUSED_ALLREDUCE=0
+    engine tp2-fused 2 4
+    timeout -k 30 ${FUSED_TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider "tests/test_native_tp.py" \
+      "tests/test_gpu_stack.py::test_stack_tp2_bf16_fused_allreduce_equals_nccl" ${FUSED_TESTS:-} -rs 2>&1 \
+      | tee "$OUT/tests-fused.log" | tail -n 6
+  else
+    echo "allreduce_bench failed or hung:"; tail -n 30 "$OUT/allreduce.log"
   fi
-  wait $bench_pid
-  grep -v '^\[shard\|^INFO\|^WARNING' "$OUT/engine-tp2-oneshot.log" | tail -n 6
-  grep -i "one-shot" "$OUT/shards-tp2-oneshot.log" | head -n 4
-  $PY -m bench.allreduce_bench --out "$OUT/allreduce.json" 2>&1 | tail -n 8
-  SHARD_ONE_SHOT_ALLREDUCE=1 timeout -k 30 200 $PY -m pytest -q -p no:cacheprovider \
-    "tests/test_native_tp.py::test_tp2_nccl_matches_tp1_cuda" "tests/test_gpu_stack.py::test_stack_greedy_equals_transformers[2-1]" -rs 2>&1 | tee "$OUT/tests-oneshot.log" | tail -n 6
 fi
 if has maxload; then
   echo "=== maxload"

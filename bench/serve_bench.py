@@ -246,14 +246,19 @@ async def run_benchmark(
                 exact_prompt(tok, in_len, rng, vocab=vocab) for _ in range(num_prompts_for(conc, counts, k))
             ]
             before = server_counters(base_url)
+            cpu0 = time.process_time()
             with GpuBusy() as busy:
                 records, duration = await run_level(
                     base_url, prompts, max_new_tokens=out_len, concurrency=conc, extra_params=extra
                 )
+            client_cpu = time.process_time() - cpu0
             after = server_counters(base_url)
             res = level_result(records, duration, preset=preset, concurrency=conc, max_new_tokens=out_len)
             res["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in after}
             res["gpu_busy_pct"] = busy.result()
+            # This client's own CPU over the level's wall time: near 1.0, the client (one Python
+            # process: aiohttp, SSE parsing) and not the server set the pace.
+            res["client_cpu_fraction"] = client_cpu / duration if duration > 0 else None
             res["exact_input_fraction"] = sum(n == in_len for _, n in prompts) / len(prompts)
             results.append(res)
             save(results)
@@ -261,7 +266,7 @@ async def run_benchmark(
                 f"{preset:>9} c={res['concurrency']!s:>4} n={len(prompts):4d}: "
                 f"{res['output_throughput']:9.1f} out tok/s  TTFT p50 {res['ttft_ms']['p50']:8.1f} ms  "
                 f"TPOT p50 {res['tpot_ms']['p50']:7.2f} ms  ITL p99 {res['itl_ms']['p99']:7.2f} ms  "
-                f"failed {res['failed']}",
+                f"failed {res['failed']}  client CPU {res['client_cpu_fraction'] or 0:.0%}",
                 flush=True,
             )
     return results

@@ -143,3 +143,53 @@ def test_stack_concurrent_requests_ending_mid_call(model, tp: int, pp: int) -> N
                 assert r.status_code == 200, f"{r.text}\n--- stack log ---\n{stack.log()[-5000:]}"
                 ours = [t["id"] for t in r.json()["details"]["tokens"]]
                 assert ours == want[i][: lengths[i]], f"TP={tp} PP={pp} prompt {i}: {margin(i, ours)}"
+
+
+def test_stack_tp2_bf16_fused_allreduce_equals_nccl(llama8b_4layers) -> None:
+    """bf16 is where the engine runs its fused forward, and at TP=2 its decode-sized reduces ride
+    in the norms (fast_allreduce.py, kernels/lamport.py). At two ranks that kernel's sum is NCCL's
+    (float32 add of two bf16 parts, rounded once) and the add + norm are norm.add_rms_norm's math,
+    so one request at a time (the same batches in both runs) the stack with SHARD_FUSED_ALLREDUCE=0
+    must give the same tokens and logprobs. Concurrent requests (decode graphs of several rows)
+    batch by arrival time, and bf16 matmuls round by shape: there most tokens must agree (a wrong
+    sum would agree on almost none). The log must say the fused path was on, or this proves
+    nothing."""
+    if GPUS < 2:
+        pytest.skip(f"needs 2 GPUs, has {GPUS}")
+    import asyncio
+
+    folder, extra_args, prompts, _, _ = llama8b_4layers
+    lengths = (3, NEW_TOKENS, 7)
+    args = ["--model-id", str(folder), "--tokenizer-name", str(TOKENIZER), "--dtype", "bfloat16",
+            "--device", "cuda", "--num-shard", "2", "--max-input-tokens", "512", "--max-total-tokens", "1024",
+            *extra_args]  # fmt: skip
+
+    def tokens(r: httpx.Response, stack) -> list[tuple[int, float]]:
+        assert r.status_code == 200, f"{r.text}\n--- stack log ---\n{stack.log()[-5000:]}"
+        return [(t["id"], t["logprob"]) for t in r.json()["details"]["tokens"]]
+
+    async def ask(base_url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(
+                client.post(base_url + "/generate", json={"inputs": prompt, "parameters": {
+                    "max_new_tokens": n, "details": True, "ignore_eos_token": True}})
+                for prompt, n in zip(prompts, lengths, strict=True)
+            ))  # fmt: skip
+
+    alone, together = {}, {}
+    for fused in ("1", "0"):
+        with running_stack(args, timeout=300, env={"SHARD_FUSED_ALLREDUCE": fused}) as stack:
+            alone[fused] = [
+                tokens(httpx.post(stack.base_url + "/generate", timeout=120, json={"inputs": prompt, "parameters": {
+                    "max_new_tokens": NEW_TOKENS, "details": True, "ignore_eos_token": True}}), stack)
+                for prompt in prompts
+            ]  # fmt: skip
+            together[fused] = [tokens(r, stack) for _ in range(2) for r in asyncio.run(ask(stack.base_url))]
+            on = "fused all-reduce + norm" in stack.log()
+            assert on == (fused == "1"), stack.log()[-5000:]
+    for got, want in zip(alone["1"], alone["0"], strict=True):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-3)
+    pairs = [(a[0], b[0]) for x, y in zip(together["1"], together["0"], strict=True) for a, b in zip(x, y, strict=True)]
+    assert len(pairs) == 2 * sum(lengths)
+    assert sum(a == b for a, b in pairs) >= 0.8 * len(pairs)

@@ -45,7 +45,8 @@ def engine_parts(config, dist) -> dict[str, Any]:
     )
     tp_reduce = getattr(model, "tp_reduce", None)
     if tp_reduce is not None and device.type == "cuda":
-        tp_reduce.enable_one_shot(device, dtype)  # collective over the TP group; opt-in (see module)
+        # collective over the TP group: the reduces of decode-sized forwards fused into the norms
+        tp_reduce.enable_fused(device, dtype, mc.hidden_size)
     options = RuntimeOptions(
         model_id=config.model_id,
         block_size=config.block_size,

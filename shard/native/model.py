@@ -246,12 +246,17 @@ class DecoderLayer(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        add_rms_norm: AddNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (h, this layer's MLP output). Every residual add happens inside the norm kernel
         that follows it (the next layer's input norm, or the model's final norm), so a layer is
-        two norm launches and no add: h += pending; x = norm(h); h += attn(x); x = norm(h)."""
-        from shard.native.kernels.norm import add_rms_norm, rms_norm
+        two norm launches and no add: h += pending; x = norm(h); h += attn(x); x = norm(h).
+        add_rms_norm: the tensor-parallel reducer's, which may also sum the ranks' partial outputs
+        (fast_allreduce.py); norm.add_rms_norm by default."""
+        from shard.native.kernels.norm import rms_norm
 
+        if add_rms_norm is None:
+            from shard.native.kernels.norm import add_rms_norm
         n_in, n_post = self.input_layernorm, self.post_attention_layernorm
         if pending is None:
             x = rms_norm(h, n_in.weight, n_in.eps)
@@ -341,14 +346,26 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         from shard.native.kernels.norm import add_rms_norm
 
-        pending = None
-        for i, layer in enumerate(self.layers):
-            h, pending = layer.forward_fused(h, pending, rope, kv_cache.k[i], kv_cache.v[i], meta)
-        if pending is None:  # a stage without layers
-            pending = torch.zeros_like(h)
-        if self.lm_head is None or self.norm is None:
-            return h + pending
-        x, _ = add_rms_norm(pending[rows], h[rows], self.norm.weight, self.norm.eps)
+        # Tensor parallel: the row-parallel reduces may ride in the norms (fast_allreduce.py). Not
+        # on a pipeline stage without the head: its last reduce would have no norm to ride in.
+        reduce = getattr(self, "tp_reduce", None)
+        if reduce is None or self.lm_head is None or self.norm is None:
+            pending = None
+            for i, layer in enumerate(self.layers):
+                h, pending = layer.forward_fused(h, pending, rope, kv_cache.k[i], kv_cache.v[i], meta)
+            if pending is None:  # a stage without layers
+                pending = torch.zeros_like(h)
+            if self.lm_head is None or self.norm is None:
+                return h + pending
+            x, _ = add_rms_norm(pending[rows], h[rows], self.norm.weight, self.norm.eps)
+            return _to_float(self.lm_head(x), logits_out)
+        with reduce.forward(h.shape[0], h.dtype) as add_norm:
+            pending = None
+            for i, layer in enumerate(self.layers):
+                h, pending = layer.forward_fused(h, pending, rope, kv_cache.k[i], kv_cache.v[i], meta, add_norm)
+            if pending is None:
+                pending = torch.zeros_like(h)
+            x, _ = add_norm(pending[rows], h[rows], self.norm.weight, self.norm.eps)
         return _to_float(self.lm_head(x), logits_out)
 
     def hf_names(self, name: str) -> list[str]:
@@ -363,6 +380,10 @@ class LlamaForCausalLM(nn.Module):
         parts = PACKED_MODULES.get(module, (module,))
         prefix = f"model.{parent}." if parent else "model."
         return [f"{prefix}{p}.{leaf}" for p in parts]
+
+
+# (x, residual, weight, eps) -> (rmsnorm(residual + x) * weight, residual updated in place)
+AddNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _to_float(logits: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -137,8 +137,8 @@ def apply_tensor_parallel(model: LlamaForCausalLM, tp: TPGroup) -> None:
     check_tensor_parallel(config, tp)
     if tp.size == 1:
         return
-    # One reducer for the model: the engine may switch small messages to the one-shot path
-    # (model.tp_reduce.enable_one_shot) once the device and dtype are known.
+    # One reducer for the model: on CUDA, factory.py lets decode-sized forwards fuse the reduces
+    # into the norms (model.tp_reduce.enable_fused) once the device and dtype are known.
     reduce = RowParallelReduce(tp.group)
     model.tp_reduce = reduce
     for layer in model.layers:
