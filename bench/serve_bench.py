@@ -133,6 +133,7 @@ async def run_level(
     max_new_tokens: int,
     concurrency: int | None,
     extra_params: dict[str, Any],
+    trace: bool = True,
 ) -> tuple[list[RequestRecord], float]:
     """Sends every prompt, at most `concurrency` in flight (None: all at once); returns the records
     and the wall time from the first send to the last completion."""
@@ -154,9 +155,66 @@ async def run_level(
                 )
 
         t0 = time.perf_counter()
-        _trace_level_start(t0, len(prompts))
+        if trace:
+            _trace_level_start(t0, len(prompts))
         records = await asyncio.gather(*(one(p) for p in prompts))
         return list(records), time.perf_counter() - t0
+
+
+def _level_in_process(
+    base_url: str, prompts: list[tuple[str, int]], max_new_tokens: int, concurrency: int | None,
+    extra_params: dict[str, Any], start_at: float,
+) -> tuple[list[RequestRecord], float]:
+    """One client process's share of a level (run in a spawned process): starts at `start_at`
+    (time.perf_counter is CLOCK_MONOTONIC on Linux, one clock for every process), returns its
+    records and its CPU seconds."""
+    time.sleep(max(0.0, start_at - time.perf_counter()))
+    cpu0 = time.process_time()
+    records, _ = asyncio.run(
+        run_level(base_url, prompts, max_new_tokens=max_new_tokens, concurrency=concurrency,
+                  extra_params=extra_params, trace=False)
+    )  # fmt: skip
+    return records, time.process_time() - cpu0
+
+
+async def run_level_procs(
+    base_url: str,
+    prompts: list[tuple[str, int]],
+    *,
+    procs: int,
+    max_new_tokens: int,
+    concurrency: int | None,
+    extra_params: dict[str, Any],
+) -> tuple[list[RequestRecord], float, float]:
+    """run_level over `procs` client processes (prompts dealt round-robin, concurrency split
+    evenly, rounded up), so that one Python process's CPU does not pace the level. Returns the
+    records, the wall time from the common start to the last completion, and the busiest
+    process's CPU share of that wall time."""
+    if procs <= 1:
+        cpu0 = time.process_time()
+        records, duration = await run_level(
+            base_url, prompts, max_new_tokens=max_new_tokens, concurrency=concurrency, extra_params=extra_params
+        )
+        return records, duration, (time.process_time() - cpu0) / duration if duration > 0 else 0.0
+    import concurrent.futures
+    import multiprocessing
+
+    each = None if concurrency is None else -(-concurrency // procs)
+    loop = asyncio.get_running_loop()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+        # start every process (and its imports) before the clock does
+        await asyncio.gather(*(loop.run_in_executor(pool, time.sleep, 0.2) for _ in range(procs)))
+        start_at = time.perf_counter() + 0.5
+        _trace_level_start(start_at, len(prompts))
+        shares = await asyncio.gather(*(
+            loop.run_in_executor(pool, _level_in_process, base_url, prompts[i::procs], max_new_tokens, each,
+                                 extra_params, start_at)
+            for i in range(procs)
+        ))  # fmt: skip
+    records = [r for recs, _ in shares for r in recs]
+    duration = max((r.end or r.start) for r in records) - start_at
+    return records, duration, max(cpu for _, cpu in shares) / duration if duration > 0 else 0.0
 
 
 def _trace_level_start(t0: float, n: int) -> None:
@@ -246,19 +304,19 @@ async def run_benchmark(
                 exact_prompt(tok, in_len, rng, vocab=vocab) for _ in range(num_prompts_for(conc, counts, k))
             ]
             before = server_counters(base_url)
-            cpu0 = time.process_time()
             with GpuBusy() as busy:
-                records, duration = await run_level(
-                    base_url, prompts, max_new_tokens=out_len, concurrency=conc, extra_params=extra
-                )
-            client_cpu = time.process_time() - cpu0
+                records, duration, client_cpu = await run_level_procs(
+                    base_url, prompts, procs=args.client_procs, max_new_tokens=out_len, concurrency=conc,
+                    extra_params=extra,
+                )  # fmt: skip
             after = server_counters(base_url)
             res = level_result(records, duration, preset=preset, concurrency=conc, max_new_tokens=out_len)
             res["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in after}
             res["gpu_busy_pct"] = busy.result()
-            # This client's own CPU over the level's wall time: near 1.0, the client (one Python
-            # process: aiohttp, SSE parsing) and not the server set the pace.
-            res["client_cpu_fraction"] = client_cpu / duration if duration > 0 else None
+            # The (busiest) client process's CPU over the level's wall time: near 1.0, the client
+            # (aiohttp, SSE parsing in one Python process) and not the server set the pace.
+            res["client_cpu_fraction"] = client_cpu
+            res["client_procs"] = args.client_procs
             res["exact_input_fraction"] = sum(n == in_len for _, n in prompts) / len(prompts)
             results.append(res)
             save(results)
@@ -359,6 +417,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="instead of the three flags above: several entries, e.g. '128/128|1,16,inf|8,32,64'",
     )
     p.add_argument("--warmup-requests", type=int, default=2)
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="client processes per level (prompts dealt among them, concurrency split evenly)",
+    )
     p.add_argument(
         "--ignore-eos-field",
         default="ignore_eos_token",

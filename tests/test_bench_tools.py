@@ -447,20 +447,22 @@ def test_call_trace_pairs_a_real_stacks_calls_stage_by_stage(tmp_path, monkeypat
 
 
 def test_serve_bench_against_a_real_stack_reports_the_clients_cpu(tmp_path):
-    """serve_bench end to end over real HTTP (a CPU stack of a tiny dummy Llama): every request
-    completes with its exact length, and each level reports the client's own CPU over its wall
-    time (a share of one core: above 0, and not above the two cores this machine has)."""
+    """serve_bench end to end over real HTTP (a CPU stack of a tiny dummy Llama), with one client
+    process and with two: every request completes with its exact length, and each level reports
+    the busiest client process's CPU over the level's wall time (a share of one core)."""
     from bench.serve_bench import main
     from launcher.embedded import embedded_model_path
 
     out = tmp_path / "serve.json"
     launch = (f"--model-id shard/native/configs/llama-tiny.json --tokenizer-name {embedded_model_path()} "
               "--load-format dummy --dtype float32 --max-input-tokens 64 --max-total-tokens 128")  # fmt: skip
-    rc = main([f"--launch={launch}", "--tokenizer", embedded_model_path(), "--plan", "24/6|1,inf|2,4",
-               "--warmup-requests", "1", "--out", str(out)])  # fmt: skip
-    assert rc == 0
-    levels = json.loads(out.read_text())["levels"]
-    assert [lv["concurrency"] for lv in levels] == [1, "inf"]
-    for lv in levels:
-        assert lv["failed"] == 0 and lv["exact_output_fraction"] == 1.0
-        assert 0 < lv["client_cpu_fraction"] <= 2.0
+    for procs in (1, 2):  # one client process, then two sharing each level
+        rc = main([f"--launch={launch}", "--tokenizer", embedded_model_path(), "--plan", "24/6|1,inf|2,4",
+                   "--warmup-requests", "1", "--client-procs", str(procs), "--out", str(out)])  # fmt: skip
+        assert rc == 0
+        levels = json.loads(out.read_text())["levels"]
+        assert [lv["concurrency"] for lv in levels] == [1, "inf"]
+        for lv in levels:
+            assert lv["failed"] == 0 and lv["completed"] == (2 if lv["concurrency"] == 1 else 4)
+            assert lv["exact_output_fraction"] == 1.0 and lv["client_procs"] == procs
+            assert 0 < lv["client_cpu_fraction"] <= 1.0
