@@ -8,9 +8,10 @@ Measures first the card's two ceilings (device-to-device copy bandwidth, countin
 written; a large bf16 matmul), then: paged decode attention at Llama-3.1-8B shapes (32 q heads,
 8 kv heads, head_dim 128, bf16, block size 16, shuffled blocks) with its achieved bandwidth on
 the K/V bytes it must read as a fraction of the copy bandwidth; a decode config sweep; store_kv
-vs index_copy_; paged varlen prefill vs dense SDPA (flash) TFLOP/s; fused RMSNorm / rotary vs
-eager torch. Every timed kernel's output is checked against a torch result first. Medians of
-triton.testing.do_bench (which clears L2 before each repetition). Prints a table last.
+vs index_copy_; paged varlen prefill vs, without a cached prefix, dense SDPA (cuDNN or flash, as
+torch picks), the backend's SDPA route and the FA2 varlen kernel, in TFLOP/s; fused RMSNorm /
+rotary vs eager torch. Every timed kernel's output is checked against a torch result first.
+Medians of triton.testing.do_bench (which clears L2 before each repetition). Prints a table last.
 """
 
 from __future__ import annotations
@@ -290,12 +291,35 @@ def prefill_case(lens: list[int], news: list[int], cfg: ta.PrefillConfig, *, sdp
             lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=True)
         )
         res["sdpa_tflops"] = flops / (res["sdpa_flash_ms"] * 1e-3) / 1e12
-        if b == 1:  # the backend's route for one sequence without prefix: SDPA on (T, H, D) views
-            k_new, v_new = kd[0].transpose(0, 1), vd[0].transpose(0, 1)
-            dense = ta.dense_causal_prefill(q, k_new, v_new, scale)
-            res["dense_route_err"] = rel(dense, out)
-            res["dense_route_ms"] = bench(lambda: ta.dense_causal_prefill(q, k_new, v_new, scale))
+        # the backend's route for fresh sequences of equal length: SDPA on views of flat (T, H, D)
+        k_new, v_new = (x.transpose(1, 2).reshape(t, HKV, D) for x in (kd, vd))  # sequence-major
+        dense = ta.dense_causal_prefill(q, k_new, v_new, scale, num_seqs=b)
+        res["dense_route_err"] = rel(dense, out)
+        res["dense_route_ms"] = bench(lambda: ta.dense_causal_prefill(q, k_new, v_new, scale, num_seqs=b))
+    if sdpa and lens == news and DEV == "cuda":  # FA2 needs CUDA (and fp16/bf16): not in --smoke
+        res |= varlen_route(q, k_cache, v_cache, tables, lens, cu, scale, out, flops)
     return res
+
+
+def varlen_route(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: list[int],
+    cu: torch.Tensor, scale: float, paged_out: torch.Tensor, flops: float,
+) -> dict:  # fmt: skip
+    """The backend's route for sequences without a cached prefix (any lengths): FA2 varlen on the
+    new K/V, here the cache's contents laid out flat (T, HKV, D), checked against the paged kernel."""
+
+    def flat(cache: torch.Tensor) -> torch.Tensor:  # (sum(lens), HKV, D)
+        seqs = [gathered(cache, tables[i : i + 1], n)[0].transpose(0, 1) for i, n in enumerate(lens)]
+        return torch.cat(seqs)
+
+    k_new, v_new = flat(k_cache), flat(v_cache)
+
+    def run() -> torch.Tensor:
+        return ta.varlen_causal_prefill(q, k_new, v_new, cu, max(lens), scale)
+
+    err = rel(run(), paged_out)
+    ms = bench(run)
+    return {"varlen_route_ms": ms, "varlen_tflops": flops / (ms * 1e-3) / 1e12, "varlen_route_err": err}
 
 
 SWEEP_SHAPES = [(1, 2048), (1, 8192), (64, 1024), (64, 4096), (256, 2048)]
@@ -303,7 +327,12 @@ STORE_TOKENS = (1, 64, 256, 8192)
 PREFILL_SWEEP_CASES = (([4096], [4096]), ([512] * 8, [512] * 8), ([4096], [512]))
 HIDDEN, MAX_POS, FUSED_TOKENS = 4096, 8192, (1, 64, 4096)
 PREFILL_CASES = [([512], [512]), ([2048], [2048]), ([4096], [4096]), ([8192], [8192]), ([512] * 8, [512] * 8),
+                 ([2048] * 4, [2048] * 4), ([1, 17, 300, 2048], [1, 17, 300, 2048]),
                  ([4096], [512]), ([4096] * 4, [2048] * 4)]  # fmt: skip
+
+
+def _lens_text(xs: list[int]) -> str:
+    return str(xs[0]) if len(set(xs)) == 1 else "/".join(map(str, xs))
 
 
 def prefill_section(quick: bool) -> dict:
@@ -315,7 +344,10 @@ def prefill_section(quick: bool) -> dict:
         sd = f"{r['sdpa_flash_ms']:.3f} ms ({r['sdpa_tflops']:.0f} TF/s)" if "sdpa_flash_ms" in r else "-"
         if "dense_route_ms" in r:
             sd += f" | backend route {r['dense_route_ms']:.3f} ms (vs triton err {r['dense_route_err']:.1e})"
-        row(f"B={len(lens)} L={lens[0]} new={news[0]}: triton {r['ms']:.3f} ms ({r['tflops']:.0f} TF/s) | "
+        if "varlen_route_ms" in r:
+            sd += (f" | varlen flash {r['varlen_route_ms']:.3f} ms ({r['varlen_tflops']:.0f} TF/s, "
+                   f"vs triton err {r['varlen_route_err']:.1e})")  # fmt: skip
+        row(f"B={len(lens)} L={_lens_text(lens)} new={_lens_text(news)}: triton {r['ms']:.3f} ms ({r['tflops']:.0f} TF/s) | "
             f"dense sdpa causal {sd} | err {r['rel_err']:.1e}")  # fmt: skip
     return default
 

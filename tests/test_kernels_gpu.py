@@ -239,6 +239,122 @@ def test_prefill_matches_reference(
     assert rel_err(out, ref_attention(q, p, scale)) < TOL
 
 
+def _fused_qkv_views(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same values as strided views of one (T, (HQ + 2 HKV) * D) tensor, as the model's fused
+    qkv projection hands them to attention."""
+    t, d = q.shape[0], q.shape[2]
+    sizes = [q.shape[1] * d, k.shape[1] * d, v.shape[1] * d]
+    qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=1)
+    qs, ks, vs = qkv.split(sizes, dim=1)
+    return qs.view(q.shape), ks.view(k.shape), vs.view(v.shape)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("lens", [[1, 17, 300, 2048], [2048] * 4, [1] * 5], ids=["uneven", "4x2048", "5x1"])
+def test_varlen_flash_prefill_matches_reference(
+    dtype: torch.dtype, d: int, gqa: int, lens: list[int]
+) -> None:
+    """FA2 varlen on the new q/k/v of sequences without a cached prefix (each one's keys are its
+    own new tokens only, causally): inputs as strided views of a fused qkv, GQA, uneven lengths,
+    and all-one-token sequences (FA2 drops the causal mask and regroups q at max_seqlen 1)."""
+    gen = torch.Generator().manual_seed(100 * d + 10 * gqa + len(lens))
+    hkv = 2
+    hq = hkv * gqa
+    p = make_paged(lens=lens, n_new=lens, hkv=hkv, d=d, block_size=16, dtype=dtype, gen=gen)
+    # the cache already holds every new token's K/V: read them back in token order
+    k = p.k_cache.view(-1, hkv, d)[p.slot_mapping]
+    v = p.v_cache.view(-1, hkv, d)[p.slot_mapping]
+    q = torch.randn((sum(lens), hq, d), generator=gen).to(dtype).to(DEVICE)
+    q, k, v = _fused_qkv_views(q, k, v)
+    assert not k.is_contiguous()
+    scale = 1 / math.sqrt(d)
+    out = ta.varlen_causal_prefill(q, k, v, p.cu_seqlens_q, max(lens), scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_err(out, ref_attention(q, p, scale)) < TOL
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("lens", [[512] * 4, [2048] * 2, [1] * 5], ids=["4x512", "2x2048", "5x1"])
+def test_dense_prefill_of_equal_lengths_matches_reference(
+    dtype: torch.dtype, d: int, gqa: int, lens: list[int]
+) -> None:
+    """SDPA on (B, H, L, D) views of the flat new q/k/v (strided, as the fused qkv gives them)."""
+    gen = torch.Generator().manual_seed(100 * d + 10 * gqa + len(lens))
+    hkv = 2
+    p = make_paged(lens=lens, n_new=lens, hkv=hkv, d=d, block_size=16, dtype=dtype, gen=gen)
+    k = p.k_cache.view(-1, hkv, d)[p.slot_mapping]
+    v = p.v_cache.view(-1, hkv, d)[p.slot_mapping]
+    q = torch.randn((sum(lens), hkv * gqa, d), generator=gen).to(dtype).to(DEVICE)
+    q, k, v = _fused_qkv_views(q, k, v)
+    scale = 1 / math.sqrt(d)
+    out = ta.dense_causal_prefill(q, k, v, scale, num_seqs=len(lens))
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert rel_err(out, ref_attention(q, p, scale)) < TOL
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", ["equal", "uneven", "prefix_hit"])
+@pytest.mark.parametrize("varlen_flash", [False, True], ids=["default", "varlen_flash"])
+def test_backend_no_prefix_batch_matches_reference_backend(
+    dtype: torch.dtype, case: str, varlen_flash: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multi-sequence prefill built as the engine builds it (build_prefill, from_batch). Fresh
+    fp16/bf16 sequences of equal length take batched SDPA; of other lengths, FA2 varlen when asked
+    for, else the paged kernel, as do fp32 and a batch with a prefix-cache hit. Every route stores
+    the same K/V as the reference backend and gives its output."""
+    from shard.native.attention import AttentionBackend, ReferenceAttention
+    from shard.native.batch import build_prefill
+
+    gen = torch.Generator().manual_seed(5)
+    hkv, hq, d, bs = 2, 8, 128, 16
+    lens = [300] * 3 if case == "equal" else [1, 17, 300, 2048]
+    prefixes = [0, 0, 32, 0] if case == "prefix_hit" else [0] * len(lens)
+    tables, next_block = [], 0
+    for n in lens:
+        tables.append(list(range(next_block, next_block + _cdiv(n, bs))))
+        next_block += len(tables[-1])
+    batch = build_prefill(
+        new_tokens=[list(range(pre, n)) for pre, n in zip(prefixes, lens, strict=True)], prefix_lens=prefixes,
+        block_tables=tables, all_logits=[False] * len(lens), block_size=bs, device=torch.device("cuda"),
+    )  # fmt: skip
+    assert batch.no_prefix is (case != "prefix_hit")
+    t = batch.num_tokens
+    q, k, v = (torch.randn((t, h, d), generator=gen).to(dtype).cuda() for h in (hq, hkv, hkv))
+    q, k, v = _fused_qkv_views(q, k, v)
+    cache = torch.randn((next_block + 1, bs, hkv, d), generator=gen).to(dtype).cuda()
+
+    def run(backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = cache.clone(), cache.clone()
+        out = backend.forward(q, k, v, k_cache, v_cache, AttentionMetadata.from_batch(batch), d**-0.5)
+        return out, k_cache, v_cache
+
+    ref, ref_k, ref_v = run(ReferenceAttention())
+    calls: list[str] = []
+    for name in ("dense_causal_prefill", "varlen_causal_prefill", "paged_prefill_attention"):
+        real = getattr(ta, name)
+        monkeypatch.setattr(ta, name, lambda *a, _n=name, _f=real, **kw: (calls.append(_n), _f(*a, **kw))[1])
+    fast, fast_k, fast_v = run(ta.TritonAttention(varlen_flash=varlen_flash))
+    half = dtype != torch.float32
+    if case == "equal" and half:
+        assert calls == ["dense_causal_prefill"]
+    elif case == "uneven" and half and varlen_flash:
+        assert calls == ["varlen_causal_prefill"]
+    else:
+        assert calls == ["paged_prefill_attention"]
+    # every route still stores the new K/V (decode reads them), exactly as the reference does
+    assert torch.equal(fast_k, ref_k) and torch.equal(fast_v, ref_v)
+    assert rel_err(fast, ref.float()) < TOL
+
+
 @needs_triton
 @pytest.mark.parametrize("hkv", [1, 3, 8])
 def test_store_kv_strided_views_and_skips(hkv: int) -> None:

@@ -34,7 +34,9 @@ def build_prefill(
 ) -> ForwardBatch:
     """new_tokens[b] are the tokens of sequence b from position prefix_lens[b] on.
     Logits rows: the last new token of each sequence, or all of them where all_logits[b].
-    num_decode: the first sequences are decode rows of a mixed batch (one token each)."""
+    num_decode: the first sequences are decode rows of a mixed batch (one token each).
+    no_prefix is set when every sequence starts at position 0 (no prefix-cache hit, no earlier
+    chunk) and there are no decode rows."""
     assert all(len(t) == 1 for t in new_tokens[:num_decode])
     lens = np.array([len(t) for t in new_tokens], dtype=np.int64)
     prefix = np.array(prefix_lens, dtype=np.int64)
@@ -66,6 +68,7 @@ def build_prefill(
         max_seqlen_q=int(lens.max()),
         max_seqlen_k=int(seq_lens.max()),
         num_decode=num_decode,
+        no_prefix=num_decode == 0 and not prefix.any(),
     )
 
 

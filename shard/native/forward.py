@@ -33,6 +33,10 @@ class ForwardBatch:
     # Mixed batches (prefill steps only): the first num_decode sequences are running ones taking
     # their next decode step, one new token each, so backends may give them the decode kernel.
     num_decode: int = 0
+    # True when no sequence has a cached prefix (prefill steps of fresh sequences only, no decode
+    # rows): every sequence's keys are exactly its new tokens, so attention may run on the new
+    # q/k/v alone. A host bool from host-side lengths, so backends route on it without a sync.
+    no_prefix: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +59,7 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     num_decode: int = 0  # ForwardBatch.num_decode
+    no_prefix: bool = False  # ForwardBatch.no_prefix
     # Tensors a backend derives from the fields above once per step and reuses in every layer
     # (e.g. the reference backend's gather index and length mask); lives as long as this step.
     derived: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -70,4 +75,5 @@ class AttentionMetadata:
             max_seqlen_q=batch.max_seqlen_q,
             max_seqlen_k=batch.max_seqlen_k,
             num_decode=batch.num_decode,
+            no_prefix=batch.no_prefix,
         )

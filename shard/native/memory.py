@@ -100,7 +100,9 @@ def _load_serving_kernels(engine: NativeEngine, scratch, ids: list[int]) -> None
         if engine.is_last_stage and logits is not None:
             engine.sampler.warm_up(logits)  # the greedy kernel at this many rows
 
-    run([ids[:n], ids[-n:]], [0, 0])  # two sequences: the varlen paged prefill kernel
+    # two sequences, one with a one-token prefix: the varlen paged prefill kernel (fresh batches of
+    # equal lengths take SDPA instead: triton_attention.prefill_route); n + 1 <= bs fits its block
+    run([ids[:n], ids[-n:]], [1, 0])
     if len(ids) >= 16:  # 16 logits rows: the decode matmul's multiple-of-16 variant for the head
         run([[t] for t in ids[:16]], [0] * 16)
     if len(ids) >= 2:  # a mixed batch: two decode rows (the decode kernel outside the graphs), a prompt

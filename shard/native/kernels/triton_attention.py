@@ -3,7 +3,8 @@
 Same contract as the reference backend (gather + SDPA): `forward` writes the new tokens' K/V into
 the paged cache at meta.slot_mapping, then every new token attends causally to all K/V of its
 sequence in the cache, so prefix-cache hits and decode look alike. Layout and metadata:
-shard/native/forward.py.
+shard/native/forward.py. Prefills without any cached prefix may skip the cache read and run torch's
+attention on the new q/k/v instead (prefill_route).
 
 triton is imported lazily (first call), so this module imports on machines without it.
 The decode path is CUDA-graph capturable: no host syncs, and every launch's grid and every
@@ -16,6 +17,7 @@ import functools
 import math
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -226,16 +228,93 @@ def paged_prefill_attention(
     return out
 
 
-def dense_causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One sequence with no cached prefix: its keys are exactly the new k/v, so torch's SDPA (flash)
-    on them is the whole attention; measured 1.5-1.8x faster than the paged kernel on H100.
-    q (T, HQ, D), k/v (T, HKV, D) -> (T, HQ, D) contiguous."""
-    hq, hkv = q.shape[1], k.shape[1]
+def dense_causal_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, num_seqs: int = 1
+) -> torch.Tensor:
+    """num_seqs sequences of equal length L = T // num_seqs, none with a cached prefix: their keys
+    are exactly the new k/v, so torch's SDPA on (B, H, L, D) views of them is the whole attention.
+    On H100 (torch 2.11) SDPA picks cuDNN there: ~500 TFLOP/s at 4 x 2048 and 1 x 4096 against
+    ~300 for the paged kernel and ~280 for FA2 (bench/kernels_bench.py, prefill section). But
+    cuDNN builds a graph for every new (B, L) on its first call, ~37 ms on H100 (then cached per
+    process), which FA2 does not. q (T, HQ, D), k/v (T, HKV, D), sequence-major, may be strided
+    views -> (T, HQ, D) contiguous."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+
+    def heads_first(x: torch.Tensor) -> torch.Tensor:  # (T, H, D) -> (B, H, L, D), a view
+        return x.view(num_seqs, t // num_seqs, x.shape[1], d).transpose(1, 2)
+
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        is_causal=True, scale=scale, enable_gqa=hq != hkv,
-    )  # fmt: skip
-    return o[0].transpose(0, 1).contiguous()
+        heads_first(q), heads_first(k), heads_first(v), is_causal=True, scale=scale, enable_gqa=hq != hkv
+    )
+    return o.transpose(1, 2).reshape(t, hq, d)  # a view when SDPA wrote (B, L, H, D) memory
+
+
+def varlen_causal_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
+    """Sequences of any lengths, none with a cached prefix: each one's keys are exactly its new k/v,
+    so torch's FlashAttention-2 varlen kernel on them is the whole attention. Opt-in
+    (TritonAttention(varlen_flash=True)): on H100 with torch 2.11 it measured no faster than the
+    paged kernel (~280 TFLOP/s against ~300 at 4 x 2048; 0.18 against 0.13 ms at 1/17/300/2048
+    tokens), FA2 not being Hopper-tuned. q (T, HQ, D), k/v (T, HKV, D) may be strided views (last
+    dim contiguous), fp16/bf16 on CUDA, HQ a multiple of HKV (FA2 does GQA). cu_seqlens (B + 1,)
+    int32 offsets of the sequences in T, for queries and keys alike; max_seqlen >= every
+    sequence's length. -> (T, HQ, D)."""
+    assert cu_seqlens.dtype == torch.int32, "FA2 takes int32 cumulative lengths"
+    # aten::_flash_attention_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
+    # dropout_p, is_causal, return_debug_mask, *, scale, ...) -> (output, logsumexp, rng_state,
+    # unused, debug_attn_mask); positional part unchanged from torch 2.5 to 2.13. Causal with
+    # equal q and k lengths is the usual top-left mask.
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale
+    )[0]
+    return out
+
+
+@functools.cache
+def _flash_supported(device_index: int) -> bool:
+    """torch was built with FlashAttention and the GPU is Ampere or newer (FA2's minimum)."""
+    major, _ = torch.cuda.get_device_capability(device_index)
+    return torch.backends.cuda.is_flash_attention_available() and major >= 8
+
+
+def _fused_attention_ok(q: torch.Tensor) -> bool:
+    """torch's fused attention kernels (FA2, and cuDNN's, which SDPA prefers on H100) run on q's
+    device and dtype: fp16/bf16 on an Ampere+ GPU (host checks; the capability lookup is cached).
+    Elsewhere SDPA with GQA falls back to its math kernel, which materializes (B, H, L, L) scores.
+    CPU tensors come from TRITON_INTERPRET=1 tests."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    d = q.shape[-1]
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return d % 8 == 0 and d <= 256 and _flash_supported(index)
+
+
+PrefillRoute = Literal["dense", "varlen_flash", "paged"]
+
+
+def prefill_route(
+    meta: AttentionMetadata, *, num_tokens: int, fused_ok: bool, dense_prefill: bool, varlen_flash: bool
+) -> PrefillRoute:
+    """Which kernel a call that is neither decode nor mixed takes, from host values only (no sync).
+    "dense" (SDPA; dense_prefill on): one sequence without a cached prefix (any dtype, as before),
+    or, where fused_ok (_fused_attention_ok), sequences without one that all have the same length
+    (T == B * max_seqlen_q: none is longer than the max, so all equal it). "varlen_flash" (FA2;
+    varlen_flash on, fused_ok): sequences without a cached prefix of other lengths. "paged" (the
+    Triton kernel over the cache) otherwise: prefix-cache hits, later chunks of a chunked prompt,
+    uneven fresh batches by default, fp32 batches of several sequences."""
+    if not meta.is_prefill or meta.num_decode:
+        return "paged"
+    num_seqs = meta.seq_lens.shape[0]
+    # one sequence needs no builder flag: its keys are its new tokens when max_k == max_q
+    no_prefix = meta.no_prefix or (num_seqs == 1 and meta.max_seqlen_k == meta.max_seqlen_q)
+    equal_lengths = num_tokens == num_seqs * meta.max_seqlen_q
+    if dense_prefill and no_prefix and equal_lengths and (num_seqs == 1 or fused_ok):
+        return "dense"
+    if varlen_flash and fused_ok and no_prefix:
+        return "varlen_flash"
+    return "paged"
 
 
 class TritonAttention:
@@ -244,9 +323,11 @@ class TritonAttention:
     forward(q (T, HQ, D), k/v (T, HKV, D) of the new tokens, k_cache/v_cache (num_blocks,
     block_size, HKV, D), meta, scale) -> (T, HQ, D). Decode (meta.is_prefill False, T == B) uses
     the split-K paged decode kernel and is CUDA-graph capturable; prefill uses the varlen paged
-    kernel, except a batch of one sequence with no cached prefix, which goes to torch SDPA on the
-    new q/k/v (dense_prefill=True; told apart by host ints, no sync). Requires a power-of-two
-    head_dim >= 16 and HQ a multiple of HKV."""
+    kernel, except batches with no cached prefix: one sequence, or several of equal length in
+    fp16/bf16, go to torch SDPA on the new q/k/v (dense_prefill=True); with varlen_flash=True (off:
+    no faster on H100) fresh fp16/bf16 sequences of other lengths go to torch's FA2 varlen kernel.
+    Told apart by host values (prefill_route), no sync. Requires a power-of-two head_dim >= 16 and
+    HQ a multiple of HKV."""
 
     name = "triton"
 
@@ -256,10 +337,12 @@ class TritonAttention:
         decode_config: DecodeConfig = DecodeConfig(),
         prefill_config: PrefillConfig = PrefillConfig(),
         dense_prefill: bool = True,
+        varlen_flash: bool = False,
     ) -> None:
         self.decode_config = decode_config
         self.prefill_config = prefill_config
         self.dense_prefill = dense_prefill
+        self.varlen_flash = varlen_flash
 
     def forward(
         self,
@@ -278,9 +361,15 @@ class TritonAttention:
             )
         if meta.num_decode:
             return self._mixed(q, k_cache, v_cache, meta, scale)
-        one_seq_no_prefix = meta.seq_lens.shape[0] == 1 and meta.max_seqlen_k == meta.max_seqlen_q
-        if self.dense_prefill and meta.is_prefill and one_seq_no_prefix and q.shape[0] == meta.max_seqlen_q:
-            return dense_causal_prefill(q, k, v, scale)
+        route = prefill_route(
+            meta, num_tokens=q.shape[0], fused_ok=_fused_attention_ok(q), dense_prefill=self.dense_prefill,
+            varlen_flash=self.varlen_flash,
+        )  # fmt: skip
+        if route == "dense":
+            return dense_causal_prefill(q, k, v, scale, num_seqs=meta.seq_lens.shape[0])
+        if route == "varlen_flash":
+            # meta.no_prefix: seq_lens == the new-token counts, so max_seqlen_q bounds every sequence
+            return varlen_causal_prefill(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale)
         return paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q, scale,
             config=self.prefill_config,
