@@ -82,3 +82,83 @@ def test_stream_body_goes_to_the_servers_send_and_only_the_start_through_the_mid
     assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 4
     assert (b"access-control-allow-origin", b"*") in sent[0]["headers"]
     assert b"".join(m["body"] for m in sent[1:]) == b"data:0\n\ndata:1\n\ndata:2\n\n" and not sent[-1]["more_body"]
+
+
+def _sse_scope() -> dict:
+    return {"type": "http", "method": "GET", "path": "/s", "raw_path": b"/s", "query_string": b"", "root_path": "",
+            "headers": [], "scheme": "http", "server": ("t", 80), "http_version": "1.1", "asgi": {"version": "3.0"}}  # fmt: skip
+
+
+def test_a_disconnect_mid_stream_ends_the_response_quietly() -> None:
+    """The client goes away while the body waits for its next token: the body generator is
+    cancelled (its finally runs: the scheduler handle's cancel in the real endpoints), on_close
+    runs, the response returns normally, and the server's task carries no leftover cancellation."""
+    import asyncio
+
+    from router.http_sse import SSEResponse
+
+    log: list[str] = []
+
+    async def events():  # noqa: ANN202
+        try:
+            yield b"data:0\n\n"
+            await asyncio.sleep(3600)  # the next token never comes
+            yield b"data:1\n\n"
+        finally:
+            log.append("body closed")
+
+    async def main() -> None:
+        left = asyncio.Event()
+        sent: list[dict] = []
+
+        async def send(message) -> None:  # noqa: ANN001
+            sent.append(message)
+            if message["type"] == "http.response.body":
+                left.set()  # the client leaves after the first event
+
+        async def receive() -> dict:
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        response = SSEResponse(events(), on_close=lambda: log.append("on_close"))
+        await asyncio.wait_for(response(_sse_scope(), receive, send), 5)
+        assert asyncio.current_task().cancelling() == 0
+        await asyncio.sleep(0)  # a leftover cancellation would be raised here
+        assert [m.get("body") for m in sent[1:]] == [b"data:0\n\n"]
+
+    asyncio.run(main())
+    assert log == ["body closed", "on_close"]
+
+
+def test_a_stream_cancelled_from_outside_stays_cancelled() -> None:
+    """Server shutdown cancels the response's task: that cancellation is not swallowed as if the
+    client had left, and the body is still closed."""
+    import asyncio
+
+    from router.http_sse import SSEResponse
+
+    log: list[str] = []
+
+    async def events():  # noqa: ANN202
+        try:
+            yield b"data:0\n\n"
+            await asyncio.sleep(3600)
+        finally:
+            log.append("body closed")
+
+    async def main() -> None:
+        async def send(message) -> None:  # noqa: ANN001
+            pass
+
+        async def receive() -> dict:
+            await asyncio.sleep(3600)  # the client stays
+            return {"type": "http.disconnect"}
+
+        task = asyncio.ensure_future(SSEResponse(events())(_sse_scope(), receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert log == ["body closed"]
