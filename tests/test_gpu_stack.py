@@ -9,6 +9,7 @@ with the one `bench/run_gpu.sh` uses, `TOKENIZER=.bench-tokenizer python3 -m pyt
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -96,6 +97,16 @@ def test_stack_8b_shapes_greedy_equals_transformers(llama8b_4layers, tp: int, pp
     check_stack(llama8b_4layers, tp, pp)
 
 
+async def ask_together(base_url: str, prompts: list[str], lengths: tuple[int, ...]) -> list[httpx.Response]:
+    """The prompts as concurrent /generate requests, prompt i for lengths[i] tokens (EOS ignored)."""
+    async with httpx.AsyncClient(timeout=120) as client:
+        return await asyncio.gather(*(
+            client.post(base_url + "/generate", json={"inputs": prompt, "parameters": {
+                "max_new_tokens": n, "details": True, "ignore_eos_token": True}})
+            for prompt, n in zip(prompts, lengths, strict=True)
+        ))  # fmt: skip
+
+
 def check_stack(case, tp: int, pp: int) -> None:
     if GPUS < tp * pp:
         pytest.skip(f"needs {tp * pp} GPUs, has {GPUS}")
@@ -121,25 +132,15 @@ def test_stack_concurrent_requests_ending_mid_call(model, tp: int, pp: int) -> N
     on (decode_steps._compact). Each still gets transformers' greedy tokens (a prefix of them)."""
     if GPUS < tp * pp:
         pytest.skip(f"needs {tp * pp} GPUs, has {GPUS}")
-    import asyncio
-
     folder, extra_args, prompts, want, margin = model
     lengths = (3, NEW_TOKENS, 7)  # with 4 steps per call: ends at steps 2 and 6 of the calls
     args = ["--model-id", str(folder), "--tokenizer-name", str(TOKENIZER), "--dtype", "float32",
             "--device", "cuda", "--num-shard", str(tp), "--pipeline-parallel-size", str(pp),
             "--max-input-tokens", "512", "--max-total-tokens", "1024", *extra_args]  # fmt: skip
 
-    async def ask(base_url: str) -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*(
-                client.post(base_url + "/generate", json={"inputs": prompt, "parameters": {
-                    "max_new_tokens": n, "details": True, "ignore_eos_token": True}})
-                for prompt, n in zip(prompts, lengths, strict=True)
-            ))  # fmt: skip
-
     with running_stack(args, timeout=300) as stack:
         for _ in range(2):  # the second round finds the graphs and batch state of the first
-            for i, r in enumerate(asyncio.run(ask(stack.base_url))):
+            for i, r in enumerate(asyncio.run(ask_together(stack.base_url, prompts, lengths))):
                 assert r.status_code == 200, f"{r.text}\n--- stack log ---\n{stack.log()[-5000:]}"
                 ours = [t["id"] for t in r.json()["details"]["tokens"]]
                 assert ours == want[i][: lengths[i]], f"TP={tp} PP={pp} prompt {i}: {margin(i, ours)}"
@@ -156,8 +157,6 @@ def test_stack_tp2_bf16_fused_allreduce_equals_nccl(llama8b_4layers) -> None:
     nothing."""
     if GPUS < 2:
         pytest.skip(f"needs 2 GPUs, has {GPUS}")
-    import asyncio
-
     folder, extra_args, prompts, _, _ = llama8b_4layers
     lengths = (3, NEW_TOKENS, 7)
     args = ["--model-id", str(folder), "--tokenizer-name", str(TOKENIZER), "--dtype", "bfloat16",
@@ -168,14 +167,6 @@ def test_stack_tp2_bf16_fused_allreduce_equals_nccl(llama8b_4layers) -> None:
         assert r.status_code == 200, f"{r.text}\n--- stack log ---\n{stack.log()[-5000:]}"
         return [(t["id"], t["logprob"]) for t in r.json()["details"]["tokens"]]
 
-    async def ask(base_url: str) -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*(
-                client.post(base_url + "/generate", json={"inputs": prompt, "parameters": {
-                    "max_new_tokens": n, "details": True, "ignore_eos_token": True}})
-                for prompt, n in zip(prompts, lengths, strict=True)
-            ))  # fmt: skip
-
     alone, together = {}, {}
     for fused in ("1", "0"):
         with running_stack(args, timeout=300, env={"SHARD_FUSED_ALLREDUCE": fused}) as stack:
@@ -184,7 +175,7 @@ def test_stack_tp2_bf16_fused_allreduce_equals_nccl(llama8b_4layers) -> None:
                     "max_new_tokens": NEW_TOKENS, "details": True, "ignore_eos_token": True}}), stack)
                 for prompt in prompts
             ]  # fmt: skip
-            together[fused] = [tokens(r, stack) for _ in range(2) for r in asyncio.run(ask(stack.base_url))]
+            together[fused] = [tokens(r, stack) for _ in range(2) for r in asyncio.run(ask_together(stack.base_url, prompts, lengths))]
             on = "fused all-reduce + norm" in stack.log()
             assert on == (fused == "1"), stack.log()[-5000:]
     for got, want in zip(alone["1"], alone["0"], strict=True):

@@ -369,14 +369,30 @@ def rms_norm_kernel(
     mask = offs < n_cols
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
-        tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
+        add_rms_norm_row(x, residual_ptr + row * stride_r, weight_ptr, out_ptr + row * stride_o, offs, mask, n_cols, eps)
+    else:
+        rms_norm_row(x, weight_ptr, out_ptr + row * stride_o, offs, mask, n_cols, eps)
+
+
+@triton.jit
+def rms_norm_row(x, weight_ptr, out_row_ptr, offs, mask, n_cols, eps):
+    """One row x (BLOCK,) -> out_row = rmsnorm(x) * weight: fp32 mean of squares, the normalised
+    value rounded to x's dtype, then times the weight (Hugging Face Llama's order)."""
     h = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, 0) / n_cols + eps)
     normed = (h * rstd).to(x.dtype).to(tl.float32)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_row_ptr + offs, (normed * w).to(out_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def add_rms_norm_row(x, residual_row_ptr, weight_ptr, out_row_ptr, offs, mask, n_cols, eps):
+    """s = x + residual (rounded to the residual's dtype, as the eager model adds), written back
+    to the residual row; then rms_norm_row(s). Shared by rms_norm_kernel and lamport.py."""
+    r = tl.load(residual_row_ptr + offs, mask=mask, other=0.0)
+    s = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+    tl.store(residual_row_ptr + offs, s, mask=mask)
+    rms_norm_row(s, weight_ptr, out_row_ptr, offs, mask, n_cols, eps)
 
 
 @triton.jit

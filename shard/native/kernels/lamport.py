@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shard.native.kernels._triton_kernels import add_rms_norm_row
+
 
 @triton.jit
 def _is_sentinel(v, ELEM_BITS: tl.constexpr):
@@ -100,16 +102,11 @@ def lamport_add_rms_norm_kernel(
                 v = tl.load(p, mask=mask, other=0.0, volatile=True)
             acc += v.to(tl.float32)
             tl.store(p, _sentinel_like(v, ELEM_BITS, BLOCK), mask=mask)  # ready for call k + 2
-    # 3. residual add and RMSNorm, as rms_norm_kernel with HAS_RESIDUAL
-    s = acc.to(dtype)
-    res = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
-    s = (s.to(tl.float32) + res.to(tl.float32)).to(res.dtype)
-    tl.store(residual_ptr + row * stride_r + offs, s, mask=mask)
-    h = s.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(h * h, 0) / n_cols + eps)
-    normed = (h * rstd).to(s.dtype).to(tl.float32)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    # 3. residual add and RMSNorm, the same code as rms_norm_kernel's (the sum first rounded to the
+    # dtype, as NCCL's output is)
+    add_rms_norm_row(
+        acc.to(dtype), residual_ptr + row * stride_r, weight_ptr, out_ptr + row * stride_o, offs, mask, n_cols, eps
+    )
 
 
 def lamport_add_rms_norm(
