@@ -20,6 +20,7 @@
 #              tokenizer: its 49152 ids are all valid for a 128256-token model) and carry it
 #   DTYPE      bfloat16 (default) | float16 | float32
 #   STAGES     subset of "bw engine serve sched hf" (default all but sched); PY (default python3)
+#   CLIENT_PROCS  serve_bench client processes per level (default 4)
 # Needs on the device: generated stubs (make stubs here, carried), and the wheels the router needs
 # (fastapi, uvicorn, pydantic, starlette, gguf) on PYTHONPATH. Each stage has its own time limit and
 # writes its JSON as it goes, so a stage cut short still leaves what it finished.
@@ -100,8 +101,10 @@ if has serve; then
     LAUNCH+=" --max-input-tokens 2048 --max-total-tokens 4096 --max-batch-prefill-tokens 8192"
     LAUNCH+=" --max-concurrent-requests 1024"
     # All serving levels share one launched stack: serve_bench runs the plan lines in one process.
+    # CLIENT_PROCS client processes (default 4; at most each level's concurrency): one Python
+    # client paced the 128/128 levels with hundreds of requests at once (BENCHMARKS.md, tenth session)
     stage serve "$T_SERVE" $PY -m bench.serve_bench --launch="$LAUNCH" --tokenizer "$TOKENIZER" \
-      --plan "${SERVE_PLAN[@]}" --out "$OUT/serve.json"
+      --client-procs "${CLIENT_PROCS:-4}" --plan "${SERVE_PLAN[@]}" --out "$OUT/serve.json"
   fi
 fi
 

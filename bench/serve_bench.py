@@ -186,10 +186,12 @@ async def run_level_procs(
     concurrency: int | None,
     extra_params: dict[str, Any],
 ) -> tuple[list[RequestRecord], float, float]:
-    """run_level over `procs` client processes (prompts dealt round-robin, concurrency split
-    evenly, rounded up), so that one Python process's CPU does not pace the level. Returns the
-    records, the wall time from the common start to the last completion, and the busiest
-    process's CPU share of that wall time."""
+    """run_level over `procs` client processes (at most `concurrency` of them; prompts dealt
+    round-robin, the concurrency split so that the shares add up to it), so that one Python
+    process's CPU does not pace the level. Returns the records, the wall time from the common start
+    to the last completion, and the busiest process's CPU share of that wall time."""
+    shares = concurrency_shares(concurrency, procs)
+    procs = len(shares)
     if procs <= 1:
         cpu0 = time.process_time()
         records, duration = await run_level(
@@ -199,7 +201,6 @@ async def run_level_procs(
     import concurrent.futures
     import multiprocessing
 
-    each = None if concurrency is None else -(-concurrency // procs)
     loop = asyncio.get_running_loop()
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool:
@@ -207,14 +208,23 @@ async def run_level_procs(
         await asyncio.gather(*(loop.run_in_executor(pool, time.sleep, 0.2) for _ in range(procs)))
         start_at = time.perf_counter() + 0.5
         _trace_level_start(start_at, len(prompts))
-        shares = await asyncio.gather(*(
-            loop.run_in_executor(pool, _level_in_process, base_url, prompts[i::procs], max_new_tokens, each,
+        done = await asyncio.gather(*(
+            loop.run_in_executor(pool, _level_in_process, base_url, prompts[i::procs], max_new_tokens, shares[i],
                                  extra_params, start_at)
             for i in range(procs)
         ))  # fmt: skip
-    records = [r for recs, _ in shares for r in recs]
+    records = [r for recs, _ in done for r in recs]
     duration = max((r.end or r.start) for r in records) - start_at
-    return records, duration, max(cpu for _, cpu in shares) / duration if duration > 0 else 0.0
+    return records, duration, max(cpu for _, cpu in done) / duration if duration > 0 else 0.0
+
+
+def concurrency_shares(concurrency: int | None, procs: int) -> list[int | None]:
+    """Each client process's concurrency: at most `concurrency` processes, shares adding up to it
+    (None: no limit in any of `procs` processes)."""
+    if concurrency is None:
+        return [None] * max(1, procs)
+    n = max(1, min(procs, concurrency))
+    return [concurrency // n + (i < concurrency % n) for i in range(n)]
 
 
 def _trace_level_start(t0: float, n: int) -> None:
@@ -316,7 +326,7 @@ async def run_benchmark(
             # The (busiest) client process's CPU over the level's wall time: near 1.0, the client
             # (aiohttp, SSE parsing in one Python process) and not the server set the pace.
             res["client_cpu_fraction"] = client_cpu
-            res["client_procs"] = args.client_procs
+            res["client_procs"] = len(concurrency_shares(conc, args.client_procs))
             res["exact_input_fraction"] = sum(n == in_len for _, n in prompts) / len(prompts)
             results.append(res)
             save(results)
@@ -421,7 +431,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--client-procs",
         type=int,
         default=1,
-        help="client processes per level (prompts dealt among them, concurrency split evenly)",
+        help="client processes per level, at most its concurrency (prompts dealt among them, concurrency split)",
     )
     p.add_argument(
         "--ignore-eos-field",

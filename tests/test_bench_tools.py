@@ -464,5 +464,17 @@ def test_serve_bench_against_a_real_stack_reports_the_clients_cpu(tmp_path):
         assert [lv["concurrency"] for lv in levels] == [1, "inf"]
         for lv in levels:
             assert lv["failed"] == 0 and lv["completed"] == (2 if lv["concurrency"] == 1 else 4)
-            assert lv["exact_output_fraction"] == 1.0 and lv["client_procs"] == procs
+            assert lv["exact_output_fraction"] == 1.0
+            assert lv["client_procs"] == (1 if lv["concurrency"] == 1 else procs)
+
             assert 0 < lv["client_cpu_fraction"] <= 1.0
+
+
+def test_client_processes_split_the_concurrency_exactly():
+    from bench.serve_bench import concurrency_shares
+
+    assert concurrency_shares(1, 4) == [1]  # concurrency 1 stays one request at a time
+    assert concurrency_shares(10, 4) == [3, 3, 2, 2]
+    assert concurrency_shares(64, 4) == [16] * 4
+    assert concurrency_shares(None, 3) == [None] * 3
+    assert concurrency_shares(5, 1) == [5]
