@@ -273,3 +273,12 @@ def test_engine_steps_carry_no_prefix_to_the_backend(engine_and_spy: tuple[Nativ
     d = a[:8] + [50]  # shares request 1's first two full blocks, which still hold its K/V
     eng.prefill([request(4, d, [0, 1, 24, 25], prefix_len=8)])
     assert spy.steps[-1] == (True, 0, False)  # a prefix-cache hit
+
+
+def test_dense_prefill_can_be_turned_off_from_the_environment(monkeypatch):
+    from shard.native.kernels.triton_attention import TritonAttention
+
+    assert TritonAttention().dense_prefill
+    monkeypatch.setenv("SHARD_DENSE_PREFILL", "0")
+    assert not TritonAttention().dense_prefill
+    assert TritonAttention(dense_prefill=True).dense_prefill  # an explicit choice wins

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
@@ -336,11 +337,16 @@ class TritonAttention:
         *,
         decode_config: DecodeConfig = DecodeConfig(),
         prefill_config: PrefillConfig = PrefillConfig(),
-        dense_prefill: bool = True,
+        dense_prefill: bool | None = None,
         varlen_flash: bool = False,
     ) -> None:
         self.decode_config = decode_config
         self.prefill_config = prefill_config
+        # SHARD_DENSE_PREFILL=0: every prefill takes the paged kernel. cuDNN (SDPA's pick on H100)
+        # builds a graph on the first call of each new (sequences, length), ~37 ms, which traffic
+        # with many distinct prompt lengths pays once per length; the paged kernel compiles once.
+        if dense_prefill is None:
+            dense_prefill = os.environ.get("SHARD_DENSE_PREFILL", "1") != "0"
         self.dense_prefill = dense_prefill
         self.varlen_flash = varlen_flash
 
