@@ -236,8 +236,8 @@ def dense_causal_prefill(
     are exactly the new k/v, so torch's SDPA on (B, H, L, D) views of them is the whole attention.
     On H100 (torch 2.11) SDPA picks cuDNN there: ~500 TFLOP/s at 4 x 2048 and 1 x 4096 against
     ~300 for the paged kernel and ~280 for FA2 (bench/kernels_bench.py, prefill section). But
-    cuDNN builds a graph for every new (B, L) on its first call, ~37 ms on H100 in one ad-hoc run (then cached per
-    process), which FA2 does not. q (T, HQ, D), k/v (T, HKV, D), sequence-major, may be strided
+    cuDNN builds a graph for every new (B, L) on its first call (~37 ms on H100 in one ad-hoc
+    run; then cached per process), which FA2 does not. q (T, HQ, D), k/v (T, HKV, D), sequence-major, may be strided
     views -> (T, HQ, D) contiguous."""
     t, hq, d = q.shape
     hkv = k.shape[1]
@@ -343,8 +343,9 @@ class TritonAttention:
         self.decode_config = decode_config
         self.prefill_config = prefill_config
         # SHARD_DENSE_PREFILL=0: every prefill takes the paged kernel. cuDNN (SDPA's pick on H100)
-        # builds a graph on the first call of each new (sequences, length), (~37 ms once on an H100), which traffic
-        # with many distinct prompt lengths pays once per length; the paged kernel compiles once.
+        # builds a graph on the first call of each new (sequences, length), ~37 ms once on an H100,
+        # which traffic with many distinct prompt lengths pays once per length; the paged kernel
+        # compiles once.
         if dense_prefill is None:
             dense_prefill = os.environ.get("SHARD_DENSE_PREFILL", "1") != "0"
         self.dense_prefill = dense_prefill
