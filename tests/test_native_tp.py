@@ -96,6 +96,9 @@ def tp_worker(rank: int, root: str, backend: str) -> None:
             results["fused-reduce"] = run_steps(full, config)
             results["fused-graph"] = fused_graph_replays(full.tp_reduce, rank, device, config.hidden_size)
         torch.save(results, f"{root}/rank{rank}.pt")
+        # Both ranks leave together: a rank still tearing gloo down when its peer's process has
+        # exited was seen to abort once ("terminate called without an active exception", CI VM).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -257,6 +260,7 @@ def deferred_worker(rank: int, root: str) -> None:
             results[f"max_rows={max_rows}"] = run_steps(model, config)
             results[f"halves max_rows={max_rows}"] = torch.tensor(fused.halves)
         torch.save(results, f"{root}/deferred{rank}.pt")
+        dist.barrier()  # both ranks leave together (see tp_worker)
     finally:
         dist.destroy_process_group()
 
