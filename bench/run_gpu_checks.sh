@@ -12,10 +12,10 @@
 #   equal   HTTP vs engine at the same load: one wave of B prompts (128 in, 128 out) through HTTP
 #           (serve_bench, all at once) and over gRPC (engine_bench, the same prefill chunks, 127 decode
 #           steps at the router's 4 per call), B = 1, 64, 256; prints HTTP tok/s / engine tok/s
-#   fused   TP=2 with the decode reduces fused into the norms (fast_allreduce.py, the default) beside
-#           NCCL + norm (SHARD_FUSED_ALLREDUCE=0) and TP=1, engine bench on the same host; the kernel
-#           alone first (bench/allreduce_bench.py: any hang shows there, under a timeout), then the
-#           TP unit tests and the whole-stack TP=2 tests with it on
+#   fused   TP=FUSED_TP (default 2) with the decode reduces fused into the norms (fast_allreduce.py)
+#           beside NCCL + norm (SHARD_FUSED_ALLREDUCE=0) and TP=1, engine bench on the same host; the
+#           kernel alone first (bench/allreduce_bench.py: any hang shows there, under a timeout), then
+#           the TP unit tests and the whole-stack fused-vs-NCCL test at that TP
 #   maxload max-load HTTP serving, TP=1, --max-batch-size 256: 128/128 with 1,024 prompts at once
 #           (first from the checkout in BASE, if set, for a same-machine baseline), then 2048/128 and
 #           1000/1000 (MAXLOAD_MORE=0 skips those; MAXLOAD_BATCH=512 raises the cap; with
@@ -70,18 +70,19 @@ if has router; then
   echo "=== router"
   timeout -k 30 200 $PY -m bench.router_bench --tokenizer "$TOKENIZER" --concurrency 256,1024 --out "$OUT/router.json" 2>&1 | tail -n 5
 fi
-if has fused && [ "$GPUS" -ge 2 ]; then
-  echo "=== fused: kernel alone"
-  if timeout -k 10 150 $PY -m bench.allreduce_bench --out "$OUT/allreduce.json" > "$OUT/allreduce.log" 2>&1; then
-    tail -n 8 "$OUT/allreduce.log"
+if has fused && [ "$GPUS" -ge "${FUSED_TP:=2}" ]; then
+  echo "=== fused at TP=$FUSED_TP: kernel alone"
+  if timeout -k 10 150 $PY -m bench.allreduce_bench --world "$FUSED_TP" --out "$OUT/allreduce-$FUSED_TP.json" \
+      > "$OUT/allreduce-$FUSED_TP.log" 2>&1; then
+    tail -n 9 "$OUT/allreduce-$FUSED_TP.log"
     engine tp1-same-host 1 4
-    engine tp2-nccl 2 4 SHARD_FUSED_ALLREDUCE=0
-    engine tp2-fused 2 4
+    engine "tp$FUSED_TP-nccl" "$FUSED_TP" 4 SHARD_FUSED_ALLREDUCE=0
+    engine "tp$FUSED_TP-fused" "$FUSED_TP" 4 SHARD_FUSED_ALLREDUCE=1
     timeout -k 30 ${FUSED_TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider "tests/test_native_tp.py" \
-      "tests/test_gpu_stack.py::test_stack_tp2_bf16_fused_allreduce_equals_nccl" ${FUSED_TESTS:-} -rs 2>&1 \
+      "tests/test_gpu_stack.py::test_stack_bf16_fused_allreduce_equals_nccl[$FUSED_TP]" ${FUSED_TESTS:-} -rs 2>&1 \
       | tee "$OUT/tests-fused.log" | tail -n 6
   else
-    echo "allreduce_bench failed or hung:"; tail -n 30 "$OUT/allreduce.log"
+    echo "allreduce_bench failed or hung:"; tail -n 30 "$OUT/allreduce-$FUSED_TP.log"
   fi
 fi
 if has maxload; then

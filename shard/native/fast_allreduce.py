@@ -15,9 +15,9 @@ buffer halves alternate (lamport.py explains why that is required).
 Set-up is collective: every rank allocates its buffer in torch's symmetric memory (mapped by
 every peer; no NVLink multicast, which KINDS.md keeps off), checks one fused call against the
 unfused result, and all agree (a MIN over the group) before it is used, so a rank where it failed
-cannot leave the others spinning. On by default at two ranks (measured and tested there);
-SHARD_FUSED_ALLREDUCE=1 turns it on at any size (the kernel is written for any rank count, but
-has run only at 2), =0 turns it off.
+cannot leave the others spinning. On by default at two and four ranks (measured and tested
+there); SHARD_FUSED_ALLREDUCE=1 turns it on at any size (the kernel is written for any rank
+count, but has run only at 2 and 4), =0 turns it off.
 
 (The fourth session's path, torch's one_shot_all_reduce op on its own, was 9.0 us against NCCL's
 13.1 alone but did not pay in the step; it is gone.)
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 AddNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 MAX_ROWS = 128  # decode batches up to 128 tokens (1 MiB of a 4096-wide bf16 hidden state per rank)
+# Group sizes where it is on without SHARD_FUSED_ALLREDUCE=1: measured faster than NCCL + norm at
+# every size up to MAX_ROWS and tested against it (BENCHMARKS.md, tenth and eleventh sessions).
+DEFAULT_SIZES = (2, 4)
 
 
 class RowParallelReduce:
@@ -90,10 +93,11 @@ class RowParallelReduce:
     # -- set-up -----------------------------------------------------------------------------------
     def enable_fused(self, device: torch.device, dtype: torch.dtype, hidden: int) -> bool:
         """Collective over the group. True when every rank could set the fused path up."""
-        # On by default at 2 ranks, where it is measured and tested; =1 turns it on at any size.
+        # On by default at 2 and 4 ranks, where it is measured and tested; =1 turns it on at any
+        # size, =0 off.
         wanted = os.environ.get("SHARD_FUSED_ALLREDUCE", "")
         size = dist.get_world_size(self.group)  # type: ignore[arg-type]
-        if device.type != "cuda" or wanted == "0" or (wanted != "1" and size != 2):
+        if device.type != "cuda" or wanted == "0" or (wanted != "1" and size not in DEFAULT_SIZES):
             return False
         fused: _Lamport | None = None
         try:
