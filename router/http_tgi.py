@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from router import metrics
 from router.errors import RouterError
-from router.http_sse import MAX_EVENTS_PER_WRITE, SSEResponse, json_string, tgi_event
+from router.http_sse import MAX_EVENTS_PER_WRITE, LastChunk, SSEResponse, json_string, tgi_event
 from router.http_state import AppState, count_failures, unless_disconnected
 from router.schemas import GenerateParameters, GenerateRequest
 from router.stream import (
@@ -142,6 +142,8 @@ async def tgi_stream(
                 if step.outcome is not None:
                     record_success(step.outcome, started_at)
                 events.append(step_event(step, details=details, prompt=prompt))
+                if step.outcome is not None:
+                    break  # the last step: written below with the end of the response
                 if not gen.more_ready or len(events) >= MAX_EVENTS_PER_WRITE:
                     yield b"".join(events)
                     events.clear()
@@ -150,7 +152,7 @@ async def tgi_stream(
         logger.warning("generation failed mid-stream: %s", e)
         events.append(tgi_event({"error": str(e), "error_type": e.error_type}))
     if events:
-        yield b"".join(events)
+        yield LastChunk(b"".join(events))
 
 
 def step_event(step: Step, *, details: bool, prompt: str | None) -> bytes:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from router import http_openai_format as fmt
 from router import metrics
 from router.errors import RouterError, ValidationError
-from router.http_sse import MAX_EVENTS_PER_WRITE, OPENAI_DONE, SSEResponse, openai_event
+from router.http_sse import MAX_EVENTS_PER_WRITE, OPENAI_DONE, LastChunk, SSEResponse, openai_event
 from router.http_state import AppState, count_failures, unless_disconnected
 from router.schemas import ChatRequest, CompletionRequest
 from router.stream import (
@@ -155,6 +155,8 @@ class OpenAIResponder:
                     record_success(step.outcome, started_at)
                     finish = fmt.finish_reason(step.outcome.finish_reason)
                 events.append(openai_event(self.chunk(i, step.token.text, step=step, finish=finish)))
+                if all(o is not None for o in outcomes):
+                    continue  # the last step: written below with [DONE] and the end of the response
                 if len(events) >= MAX_EVENTS_PER_WRITE or not any(g.more_ready for g in batch.gens):
                     yield b"".join(events)
                     events.clear()
@@ -169,7 +171,7 @@ class OpenAIResponder:
             metrics.REQUEST_FAILURE.labels(err=e.error_type).inc()
             logger.warning("generation failed mid-stream: %s", e)
             events.append(openai_event({"error": str(e), "error_type": e.error_type}))
-        yield b"".join(events) + OPENAI_DONE
+        yield LastChunk(b"".join(events) + OPENAI_DONE)
 
 
 def _close_all(batch: Batch) -> None:

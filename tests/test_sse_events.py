@@ -31,9 +31,12 @@ def test_steps_with_top_tokens_take_the_encoder() -> None:
     assert json.loads(step_event(step, details=False, prompt=None)[5:])["top_tokens"][0]["id"] == 2
 
 
-def test_stream_body_goes_to_the_servers_send_and_only_the_start_through_the_middleware() -> None:
+@pytest.mark.parametrize("last_marked", [False, True])
+def test_stream_body_goes_to_the_servers_send_and_only_the_start_through_the_middleware(last_marked: bool) -> None:
     """with_raw_send (how router/__main__.py serves the app): the middleware chain sees the
-    response start (CORS adds its header there) and no body chunk; the server's send gets all."""
+    response start (CORS adds its header there) and no body chunk; the server's send gets all.
+    A LastChunk (what the TGI and OpenAI streams end with) goes out with the end of the response:
+    one body message fewer, nothing lost."""
     import asyncio
 
     from starlette.applications import Starlette
@@ -41,7 +44,7 @@ def test_stream_body_goes_to_the_servers_send_and_only_the_start_through_the_mid
     from starlette.middleware.cors import CORSMiddleware
     from starlette.routing import Route
 
-    from router.http_sse import SSEResponse, with_raw_send
+    from router.http_sse import LastChunk, SSEResponse, with_raw_send
 
     class Recording:  # a middleware that records what goes out through it
         def __init__(self, app, seen: list[str]) -> None:  # noqa: ANN001
@@ -56,7 +59,8 @@ def test_stream_body_goes_to_the_servers_send_and_only_the_start_through_the_mid
 
     async def events():  # noqa: ANN202
         for i in range(3):
-            yield f"data:{i}\n\n".encode()
+            chunk = f"data:{i}\n\n".encode()
+            yield LastChunk(chunk) if last_marked and i == 2 else chunk
 
     seen: list[str] = []
     app = Starlette(
@@ -79,7 +83,7 @@ def test_stream_body_goes_to_the_servers_send_and_only_the_start_through_the_mid
     }  # fmt: skip
     asyncio.run(with_raw_send(app)(scope, receive, server_send))
     assert seen == ["http.response.start"]
-    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 4
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * (3 if last_marked else 4)
     assert (b"access-control-allow-origin", b"*") in sent[0]["headers"]
     assert b"".join(m["body"] for m in sent[1:]) == b"data:0\n\ndata:1\n\ndata:2\n\n" and not sent[-1]["more_body"]
 
