@@ -34,6 +34,7 @@ class GpuBusy:
     def __init__(self, period: float = 0.05) -> None:
         self.period = period
         self.samples: list[list[int]] = []
+        self.times: list[float] = []  # time.perf_counter() of each sample
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         try:
@@ -58,14 +59,18 @@ class GpuBusy:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
+            t = time.perf_counter()  # before the reading: a sample at or after `since` reads after it
             self.samples.append([self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles])
+            self.times.append(t)
             time.sleep(self.period)
 
-    def result(self) -> list[float] | None:
-        """Mean utilization (%) per GPU over the samples taken."""
-        if not self.samples:
+    def result(self, since: float | None = None) -> list[float] | None:
+        """Mean utilization (%) per GPU over the samples taken (those from time.perf_counter()
+        `since` on, when given: a level whose client processes start before its clock does)."""
+        samples = [v for v, t in zip(self.samples, self.times, strict=True) if since is None or t >= since]
+        if not samples:
             return None
-        return [round(sum(col) / len(col), 1) for col in zip(*self.samples, strict=True)]
+        return [round(sum(col) / len(col), 1) for col in zip(*samples, strict=True)]
 
 
 # ---------------------------------------------------------------------------------- statistics

@@ -333,7 +333,8 @@ async def run_benchmark(
             after = server_counters(base_url)
             res = level_result(records, duration, preset=preset, concurrency=conc, max_new_tokens=out_len)
             res["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in after}
-            res["gpu_busy_pct"] = busy.result()
+            # from the first request on: several client processes start (spawn, imports) first
+            res["gpu_busy_pct"] = busy.result(since=min((r.start for r in records), default=None))
             # The (busiest) client process's CPU over the level's wall time: near 1.0, the client
             # (aiohttp, SSE parsing in one Python process) and not the server set the pace.
             res["client_cpu_fraction"] = client_cpu

@@ -393,6 +393,32 @@ def test_gpu_busy_averages_each_gpu_over_its_samples(monkeypatch):
     assert len(busy.samples) >= 2 and busy.result() == [100.0, 0.0]
 
 
+def test_gpu_busy_counts_only_the_samples_since_a_start(monkeypatch):
+    """A level run by several client processes starts its clock after spawning them: the samples
+    before its first request are left out."""
+    import sys
+    import time
+
+    from bench.common import GpuBusy
+
+    busy_now = [0]
+
+    class FakeNvml:  # one GPU, idle until the level starts
+        nvmlInit = staticmethod(lambda: None)
+        nvmlDeviceGetCount = staticmethod(lambda: 1)
+        nvmlDeviceGetHandleByIndex = staticmethod(lambda i: i)
+        nvmlDeviceGetUtilizationRates = staticmethod(lambda h: SimpleNamespace(gpu=busy_now[0]))
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml)
+    with GpuBusy(period=0.005) as busy:
+        time.sleep(0.05)
+        busy_now[0] = 100
+        start = time.perf_counter()
+        time.sleep(0.05)
+    assert busy.result(since=start) == [100.0]
+    assert 0 < busy.result()[0] < 100
+
+
 def test_levels_table_shows_gpu_busy_per_gpu_or_a_dash():
     from bench.serve_bench import levels_table
 
