@@ -83,8 +83,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--launch", default="", help="more launcher flags")
     p.add_argument("--tokenizer", default="", help="tokenizer folder or .gguf (default: the embedded model's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--simulate", default="",
+        help="the test engine sleeps as a GPU would: 'decode_ms,decode_ms_per_row,prefill_ms,prefill_ms_per_token' "
+        f"(e.g. {H100_8B!r}, Llama-3.1-8B on one H100 as measured); then compare with bench.sched_bench "
+        "on the same engine (--print-sched-command)",
+    )  # fmt: skip
+    p.add_argument("--print-sched-command", action="store_true", help="print the matching no-HTTP run and exit")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
+
+
+# Llama-3.1-8B, bf16, one H100 (BENCHMARKS.md): a decode step ~6 ms + ~0.035 ms per row (24 ms
+# at 512 rows), a prefill ~5 ms + 0.025 ms per token (~40k tokens/s).
+H100_8B = "6,0.035,5,0.025"
+
+
+def sched_command(args: argparse.Namespace, env: dict[str, str]) -> str:
+    """The same engine and load through the router's scheduler without HTTP (bench/sched_bench.py)."""
+    import shlex
+
+    tokenizer = args.tokenizer or "<embedded model>"
+    shard = f"--engine tests.shard_test_engine:create --model-id {tokenizer} --max-batch-size {args.max_batch_size}"
+    router = (
+        f"--tokenizer-name {tokenizer} --max-batch-size {args.max_batch_size} "
+        f"--max-concurrent-requests {max(*args.concurrency, args.num_prompts)} --max-decode-steps {args.max_decode_steps}"
+    )
+    levels = ",".join("inf" if c >= args.num_prompts else str(c) for c in args.concurrency)
+    return " ".join([
+        *(f"{k}={shlex.quote(v)}" for k, v in env.items()),
+        "python -m bench.sched_bench --launch --num-shard 1",
+        f"--shard-args {shlex.quote(shard)} --router-args {shlex.quote(router)}",
+        f"--plan {shlex.quote(f'{args.input_len}/{args.output_len}|{levels}|{args.num_prompts}')}",
+    ])  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "TEST_ENGINE_VOCAB_SIZE": str(tok.vocab_size),
         "TEST_ENGINE_NUM_BLOCKS": str(args.num_blocks or top * (args.input_len + args.output_len + 32)),
         "TEST_ENGINE_MAX_TOTAL_TOKENS": str(max(200, args.input_len + args.output_len)),
+        "TEST_ENGINE_SIMULATE": args.simulate,
     }
+    if args.print_sched_command:
+        print(sched_command(args, env))
+        return 0
     launch = [
         "--engine", "tests.shard_test_engine:create",
         *(["--model-id", args.tokenizer] if args.tokenizer else []),

@@ -16,6 +16,9 @@ Behaviour:
   collective its peer never joined).
 - `mixed=True` (TEST_ENGINE_MIXED=1 in processes) reports supports_mixed_batches: a Prefill with
   decode_running steps the running set first (admission order), then takes the new requests.
+- `cost` (TEST_ENGINE_SIMULATE="decode_ms,decode_ms_per_row,prefill_ms,prefill_ms_per_token" in
+  processes): each call sleeps as long as a GPU would take, so the serving path's own delays show
+  against a known engine time on a machine without one (bench/router_bench.py --simulate).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import math
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -74,6 +78,8 @@ class CountingTestEngine:
     error_at_prefill: bool = False
     hang_at_prefill: bool = False
     mixed: bool = False
+    # (decode ms per step, + ms per running row, prefill ms per call, + ms per prompt token)
+    cost: tuple[float, float, float, float] | None = None
     # Set by create() (real shard processes): Info then reports the engine thread's torch threads
     # and whether calls run on the thread that built the engine (shard/server.py engine_thread).
     creator_thread: int | None = None
@@ -195,9 +201,16 @@ class CountingTestEngine:
                 prompt = TopTokens(ids=r.input_ids, logprobs=(math.nan,) + (-1.0,) * (len(r.input_ids) - 1))
                 gen = dataclasses.replace(gen, prefill_tokens=prompt)
             generations.append(gen)
+        if self.cost is not None:
+            rows = sum(len(r.input_ids) for r in requests)
+            time.sleep((self.cost[2] + self.cost[3] * rows + self._decode_ms(len(decode_generations))) / 1e3)
         return StepResult(
             generations=generations, steps=1, forward_ns=len(requests), decode_generations=decode_generations
         )
+
+    def _decode_ms(self, rows: int) -> float:
+        assert self.cost is not None
+        return self.cost[0] + self.cost[1] * rows if rows else 0.0
 
     def decode(self, extensions: dict[int, Sequence[int]], max_steps: int) -> StepResult:
         self._enter("decode")
@@ -205,6 +218,8 @@ class CountingTestEngine:
         generations: list[Generation] = []
         steps = 0
         while steps < max_steps and self.running:
+            if self.cost is not None:
+                time.sleep(self._decode_ms(len(self.running)) / 1e3)
             # Step-major: every running request advances once per step, in admission order.
             generations.extend(self._next(req) for req in list(self.running.values()))
             steps += 1
@@ -280,4 +295,12 @@ def create(config: ShardConfig, dist: DistContext) -> CountingTestEngine:
         hang_at_prefill=os.environ.get("TEST_ENGINE_HANG_RANK", "") == str(dist.rank),
         creator_thread=threading.get_ident(),
         mixed=os.environ.get("TEST_ENGINE_MIXED", "") == "1",
+        cost=_parse_cost(os.environ.get("TEST_ENGINE_SIMULATE", "")),
     )
+
+
+def _parse_cost(text: str) -> tuple[float, float, float, float] | None:
+    if not text:
+        return None
+    decode_ms, per_row, prefill_ms, per_token = (float(x) for x in text.split(","))
+    return decode_ms, per_row, prefill_ms, per_token

@@ -414,3 +414,23 @@ def test_registry_resolves_names_and_factories() -> None:
     ]:
         with pytest.raises(EngineConfigError, match=message):
             resolve_factory(bad)
+
+
+def test_simulated_cost_sleeps_as_the_gpu_would(monkeypatch) -> None:
+    """TEST_ENGINE_SIMULATE (bench/router_bench.py --simulate): a prefill sleeps its base plus its
+    prompt tokens' share, each decode step its base plus its rows' share; 0 ms sleeps nothing."""
+    from shard.engine.types import NewRequest, SamplingParams, StoppingParams
+
+    monkeypatch.setenv("TEST_ENGINE_SIMULATE", "20,5,10,1")
+    engine = create(ShardConfig(model_id="m"), DistContext.single("cpu"))
+    assert engine.cost == (20.0, 5.0, 10.0, 1.0)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    stop = StoppingParams(max_new_tokens=10)
+    requests = [NewRequest(id=i, input_ids=(5,) * 30, sampling=SamplingParams(), stopping=stop, blocks=tuple(range(i * 8, i * 8 + 8)))
+                for i in range(2)]  # fmt: skip
+    engine.prefill(requests)
+    engine.decode({}, max_steps=3)
+    assert slept == pytest.approx([(10 + 60) / 1e3] + [(20 + 5 * 2) / 1e3] * 3)
+    monkeypatch.delenv("TEST_ENGINE_SIMULATE")
+    assert create(ShardConfig(model_id="m"), DistContext.single("cpu")).cost is None
