@@ -215,7 +215,7 @@ async def run_level_procs(
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool:
         # Start every process and its imports (this module, aiohttp) before the clock does: a
         # process importing after the start sent its share late, so the first prefills went out
-        # part-filled (tenth session's 4-process run at concurrency 16: TTFT p50 182 vs 94 ms).
+        # part-filled (eleventh session, concurrency 16: TTFT p50 182 ms from 4 processes, 94 from one).
         await asyncio.gather(*(loop.run_in_executor(pool, _warm_process, 0.3) for _ in range(procs)))
         start_at = time.perf_counter() + 0.5
         _trace_level_start(start_at, len(prompts))
