@@ -213,7 +213,7 @@ class MetaSpy:
     def __init__(self, inner: AttentionBackend) -> None:
         self.inner = inner
         self.steps: list[tuple[bool, int, bool]] = []  # (is_prefill, num_decode, no_prefix)
-        self._last: int | None = None
+        self._last: AttentionMetadata | None = None
 
     def forward(
         self,
@@ -225,8 +225,10 @@ class MetaSpy:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if id(meta) != self._last:
-            self._last = id(meta)
+        # One record per forward (every layer shares its metadata). Holding the object, not its
+        # id(): a freed metadata's id can come back for the next forward's (a CI run missed a step so).
+        if meta is not self._last:
+            self._last = meta
             self.steps.append((meta.is_prefill, meta.num_decode, meta.no_prefix))
         return self.inner.forward(q, k, v, k_cache, v_cache, meta, scale)
 
