@@ -115,3 +115,21 @@ def hf_logits(model, tokens: list[int]) -> torch.Tensor:
     """(len(tokens), vocab) float32 logits of transformers' model on one sequence."""
     with torch.no_grad():
         return model(torch.tensor([tokens], device=model.device)).logits[0].float()
+
+
+def leave_together() -> None:
+    """The end of a spawned torch.distributed test worker whose results are saved: every rank
+    meets at a barrier, then the process exits at once, without tearing the process group down.
+    gloo's teardown aborted rank 0 twice on the CI VM ("terminate called without an active
+    exception", SIGABRT) while its peer's process was exiting, even after a barrier; that teardown
+    is not what these tests check. An error before this point still takes the worker's `finally`
+    (destroy_process_group) and reaches mp.spawn as an exception."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

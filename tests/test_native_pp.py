@@ -29,7 +29,7 @@ from shard.engine.types import FinishReason, NewRequest, SamplingParams, Stoppin
 from shard.native.config import ModelConfig
 from shard.native.engine import NativeEngine
 from shard.native.pipeline import PPStage, check_pipeline_parallel, stage_layers
-from tests.native_helpers import perturbed_state_dict, save_hf_model, tiny_config
+from tests.native_helpers import leave_together, perturbed_state_dict, save_hf_model, tiny_config
 
 BS = 4
 CPU = torch.device("cpu")
@@ -119,6 +119,7 @@ def pp_worker(rank: int, root: str, world: int, tp: int) -> None:
         # checked against the checkpoint's layer of the stage's first global index
         result["layer0_norm"] = engine.model.layers[0].input_layernorm.weight.tolist()
         (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
+        leave_together()
     finally:
         dist.destroy_process_group()
 

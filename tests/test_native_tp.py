@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from native_helpers import Seq, build_batch, perturbed_state_dict, tiny_config
+from native_helpers import Seq, build_batch, leave_together, perturbed_state_dict, tiny_config
 from safetensors.torch import save_file
 
 from shard.engine.base import EngineConfigError
@@ -96,9 +96,7 @@ def tp_worker(rank: int, root: str, backend: str) -> None:
             results["fused-reduce"] = run_steps(full, config)
             results["fused-graph"] = fused_graph_replays(full.tp_reduce, rank, device, config.hidden_size)
         torch.save(results, f"{root}/rank{rank}.pt")
-        # Both ranks leave together: a rank still tearing gloo down when its peer's process has
-        # exited was seen to abort once ("terminate called without an active exception", CI VM).
-        dist.barrier()
+        leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -260,7 +258,7 @@ def deferred_worker(rank: int, root: str) -> None:
             results[f"max_rows={max_rows}"] = run_steps(model, config)
             results[f"halves max_rows={max_rows}"] = torch.tensor(fused.halves)
         torch.save(results, f"{root}/deferred{rank}.pt")
-        dist.barrier()  # both ranks leave together (see tp_worker)
+        leave_together()
     finally:
         dist.destroy_process_group()
 
