@@ -380,10 +380,11 @@ def test_store_kv_strided_views_and_skips(hkv: int) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("phase", ["prefill", "prefill_one", "decode", "mixed"])
+@pytest.mark.parametrize("phase", ["prefill", "prefill_one", "decode", "mixed", "mixed_fresh"])
 def test_backend_forward_writes_then_attends(phase: str) -> None:
     """TritonAttention.forward: new K/V land in the cache, then attention sees them. "mixed": three
-    decode rows first (the decode kernel), then prefill chunks with prefixes (the prefill kernel)."""
+    decode rows first (the decode kernel), then prefill chunks with prefixes (the prefill kernel);
+    "mixed_fresh": the prompts after the decode rows are fresh and of one length (SDPA on them)."""
     gen = torch.Generator().manual_seed(7)
     dtype, d, hkv, hq, bs = DTYPES[0], HEAD_DIMS[-1], 2, 6, 16
     if phase == "decode":
@@ -392,6 +393,8 @@ def test_backend_forward_writes_then_attends(phase: str) -> None:
         lens, news = [300], [300]
     elif phase == "mixed":
         lens, news = [5, 40, 129, 33, 70, 9], [1, 1, 1, 33, 20, 1]
+    elif phase == "mixed_fresh":
+        lens, news = [5, 40, 129, 33, 33], [1, 1, 1, 33, 33]
     else:
         lens, news = [33, 70, 9], [33, 20, 1]
     p = make_paged(lens=lens, n_new=news, hkv=hkv, d=d, block_size=bs, dtype=dtype, gen=gen)
@@ -402,7 +405,7 @@ def test_backend_forward_writes_then_attends(phase: str) -> None:
     meta = AttentionMetadata(
         slot_mapping=p.slot_mapping, block_tables=p.block_tables, seq_lens=p.seq_lens,
         cu_seqlens_q=p.cu_seqlens_q, is_prefill=phase != "decode", max_seqlen_q=max(news), max_seqlen_k=max(lens),
-        num_decode=3 if phase == "mixed" else 0,
+        num_decode=3 if phase.startswith("mixed") else 0, fresh_equal_len=33 if phase == "mixed_fresh" else 0,
     )  # fmt: skip
     out = ta.TritonAttention().forward(q, k, v, p.k_cache, p.v_cache, meta, 0.09)
     flat_k = p.k_cache.view(-1, hkv, d)

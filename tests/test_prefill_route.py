@@ -67,6 +67,25 @@ def test_any_prefix_or_decode_row_clears_no_prefix(
     assert AttentionMetadata.from_batch(batch).no_prefix is False
 
 
+@pytest.mark.parametrize(
+    "news, prefixes, num_decode, want",
+    [
+        ([1, 1, 6], [9, 3, 0], 2, 6),  # decode rows, then one fresh prompt
+        ([1, 7, 7, 7], [5, 0, 0, 0], 1, 7),  # fresh prompts of one length
+        ([1, 7, 6], [5, 0, 0], 1, 0),  # of two lengths
+        ([1, 7, 7], [5, 0, 3], 1, 0),  # one with a cached prefix (or an earlier chunk)
+        ([7, 7], [0, 0], 0, 0),  # no decode rows: no_prefix and the lengths say it
+        ([1, 1], [5, 9], 2, 0),  # decode rows only
+    ],
+)
+def test_mixed_batches_say_when_their_prompts_are_fresh_and_equal(
+    news: list[int], prefixes: list[int], num_decode: int, want: int
+) -> None:
+    batch = prefill(news, prefixes, num_decode=num_decode)
+    assert batch.fresh_equal_len == want
+    assert AttentionMetadata.from_batch(batch).fresh_equal_len == want
+
+
 def test_decode_batches_never_claim_no_prefix() -> None:
     db = DecodeBatch(
         last_tokens=[3, 4], kv_lens=[0, 5], block_tables=[[1], [2, 3]], block_size=BS, device=CPU
@@ -170,6 +189,19 @@ def test_backend_sends_fresh_equal_length_prefills_to_batched_sdpa(monkeypatch: 
     assert k.shape == (36, 2, 16) and v.shape == (36, 2, 16)
 
 
+def test_backend_gives_a_mixed_batchs_fresh_equal_prompts_their_own_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dense route of a mixed batch sees only the prompts' rows, as (sequences, length) views."""
+    rec = Recorder(monkeypatch, fused_ok=True)
+    forward(ta.TritonAttention(), prefill([1, 1, 5, 5, 5], [9, 3, 0, 0, 0], num_decode=2))
+    names = [name for name, _, _ in rec.calls]
+    assert names == ["store_kv", "paged_decode_attention", "dense_causal_prefill"]
+    (k, v, scale), kwargs = rec.calls[2][1:]
+    assert kwargs == {"num_seqs": 3} and scale == 0.25
+    assert k.shape == (15, 2, 16) and v.shape == (15, 2, 16)
+
+
 def test_backend_sends_fresh_uneven_prefills_to_varlen_flash_when_asked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -193,7 +225,12 @@ def test_backend_sends_fresh_uneven_prefills_to_varlen_flash_when_asked(
         ([9, 4, 1], [0, 0, 0], 0, True, {}, "paged_prefill_attention"),  # uneven, FA2 not asked for
         ([9, 4, 1], [0, 0, 0], 0, False, {"varlen_flash": True}, "paged_prefill_attention"),  # fp32
         ([9, 9], [0, 8], 0, True, {"varlen_flash": True}, "paged_prefill_attention"),  # a prefix hit
-        ([1, 1, 6], [9, 3, 0], 2, True, {}, "paged_decode_attention+paged_prefill_attention"),  # mixed
+        ([1, 1, 6], [9, 3, 2], 2, True, {}, "paged_decode_attention+paged_prefill_attention"),  # mixed
+        ([1, 6, 5], [9, 0, 0], 1, True, {}, "paged_decode_attention+paged_prefill_attention"),  # uneven
+        # mixed with fresh prompts of one length: SDPA for them, unless fp32 or dense_prefill off
+        ([1, 1, 6, 6], [9, 3, 0, 0], 2, True, {}, "paged_decode_attention+dense_causal_prefill"),
+        ([1, 1, 6, 6], [9, 3, 0, 0], 2, False, {}, "paged_decode_attention+paged_prefill_attention"),
+        ([1, 6], [9, 0], 1, True, {"dense_prefill": False}, "paged_decode_attention+paged_prefill_attention"),
     ],
 )
 def test_backend_keeps_other_prefills_on_their_kernels(

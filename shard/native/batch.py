@@ -36,7 +36,8 @@ def build_prefill(
     Logits rows: the last new token of each sequence, or all of them where all_logits[b].
     num_decode: the first sequences are decode rows of a mixed batch (one token each).
     no_prefix is set when every sequence starts at position 0 (no prefix-cache hit, no earlier
-    chunk) and there are no decode rows."""
+    chunk) and there are no decode rows; fresh_equal_len when there are decode rows and every
+    other sequence starts at 0 with the same number of new tokens (ForwardBatch)."""
     assert all(len(t) == 1 for t in new_tokens[:num_decode])
     lens = np.array([len(t) for t in new_tokens], dtype=np.int64)
     prefix = np.array(prefix_lens, dtype=np.int64)
@@ -52,6 +53,11 @@ def build_prefill(
     ]
     ids = np.fromiter((t for seq in new_tokens for t in seq), dtype=np.int64, count=int(cu[-1]))
     seq_lens = prefix + lens
+    fresh_equal_len = 0
+    if 0 < num_decode < len(lens):
+        rest = lens[num_decode:]
+        if not prefix[num_decode:].any() and (rest == rest[0]).all():
+            fresh_equal_len = int(rest[0])
 
     def dev(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(a).to(device=device, dtype=dtype, non_blocking=True)
@@ -69,6 +75,7 @@ def build_prefill(
         max_seqlen_k=int(seq_lens.max()),
         num_decode=num_decode,
         no_prefix=num_decode == 0 and not prefix.any(),
+        fresh_equal_len=fresh_equal_len,
     )
 
 

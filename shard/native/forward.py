@@ -37,6 +37,11 @@ class ForwardBatch:
     # rows): every sequence's keys are exactly its new tokens, so attention may run on the new
     # q/k/v alone. A host bool from host-side lengths, so backends route on it without a sync.
     no_prefix: bool = False
+    # Mixed batches: > 0 when every prefill sequence (the ones after the num_decode decode rows)
+    # starts at position 0 and has exactly this many new tokens, so the prefill rows' attention is
+    # a dense causal attention over their own new q/k/v (the dense SDPA route of a plain prefill).
+    # 0 otherwise, and always 0 without decode rows (no_prefix and the lengths cover that case).
+    fresh_equal_len: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +65,7 @@ class AttentionMetadata:
     max_seqlen_k: int
     num_decode: int = 0  # ForwardBatch.num_decode
     no_prefix: bool = False  # ForwardBatch.no_prefix
+    fresh_equal_len: int = 0  # ForwardBatch.fresh_equal_len
     # Tensors a backend derives from the fields above once per step and reuses in every layer
     # (e.g. the reference backend's gather index and length mask); lives as long as this step.
     derived: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -76,4 +82,5 @@ class AttentionMetadata:
             max_seqlen_k=batch.max_seqlen_k,
             num_decode=batch.num_decode,
             no_prefix=batch.no_prefix,
+            fresh_equal_len=batch.fresh_equal_len,
         )
