@@ -91,27 +91,9 @@ class PrefillSteps:
             for g, p in zip(gens[len(running) :], prompt_logprobs, strict=True)
         ]
         self._decode_batch = None  # the running set changed
-        if decode_running is None:
-            self._carry_after_prefill()
         return StepResult(
             generations=firsts, steps=1, forward_ns=forward_ns, decode_generations=carried + gens[: len(running)]
         )
-
-    def _carry_after_prefill(self) -> None:
-        """After a plain (not mixed) prefill, with the overlapped decode loop: leaves the merged
-        running set's next decode step in flight, as a Decode leaves its last step (decode_steps.py,
-        "Carried step"). The router's next call after a plain prefill is a Decode (its loop decodes
-        after each prefill that is not mixed); without this the GPU sat idle from the prefill's
-        answer to that Decode's first launch (the RPC turnaround and a batch rebuild: ~4 ms per
-        prefill on an H100 at max load). Anything else that comes next settles the step first, as
-        after a Decode. Not after a mixed prefill: the next call is often another mixed one, which
-        would settle a whole separate decode step, the very step mixing saves. Only where every row
-        has a K/V slot for it (_can_carry): the router reserves one past each new prompt (its first
-        token), and grows running rows by a Decode's steps + 1."""
-        if self._overlap and self.seqs and self._carried is None and self._can_carry():
-            if self._gaps is not None:
-                self._step_kind = "carry"  # a piece of its own in the gap log: launched by a prefill
-            self._carried = self._launch_step()
 
     def _admit(self, r: NewRequest) -> SeqState:
         if r.id in self.seqs:
