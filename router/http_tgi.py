@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from router import metrics
 from router.errors import RouterError
+from router.http_route import JsonBodyRoute
 from router.http_sse import MAX_EVENTS_PER_WRITE, LastChunk, SSEResponse, json_string, tgi_event
 from router.http_state import AppState, count_failures, unless_disconnected
 from router.schemas import GenerateParameters, GenerateRequest
@@ -223,7 +224,7 @@ async def handle_generate(
 
 
 def tgi_router(state: AppState) -> APIRouter:
-    router = APIRouter(tags=["Text Generation Inference"])
+    router = APIRouter(tags=["Text Generation Inference"], route_class=JsonBodyRoute)
 
     @router.post("/", summary="Generate (stream: true for SSE); returns a list, as TGI")
     async def compat_generate(body: GenerateRequest, request: Request) -> Response:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from router import http_openai_format as fmt
 from router import metrics
 from router.errors import RouterError, ValidationError
+from router.http_route import JsonBodyRoute
 from router.http_sse import MAX_EVENTS_PER_WRITE, OPENAI_DONE, LastChunk, SSEResponse, openai_event
 from router.http_state import AppState, count_failures, unless_disconnected
 from router.schemas import ChatRequest, CompletionRequest
@@ -205,7 +206,7 @@ async def respond(
 
 
 def openai_router(state: AppState) -> APIRouter:
-    router = APIRouter(tags=["OpenAI compatible"])
+    router = APIRouter(tags=["OpenAI compatible"], route_class=JsonBodyRoute)
 
     @router.post("/v1/chat/completions", summary="Chat completion (OpenAI)")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from router import metrics
+from router.batch_encoder import BatchEncoder
 from router.errors import UnhealthyError, ValidationError
 from router.types import GenerateRequest, Limits, SamplingParams
 
@@ -207,11 +208,13 @@ def build_request(
 
 class Validator:
     """Validates and tokenizes requests. Tokenization runs in a small thread pool (the Rust
-    tokenizer releases the GIL), so a long prompt does not stall the event loop."""
+    tokenizer releases the GIL), so a long prompt does not stall the event loop; prompts that
+    arrive together are encoded together (router/batch_encoder.py)."""
 
     def __init__(self, *, workers: int = 2) -> None:
         self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
+        self._encoder = BatchEncoder(self._pool)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -245,8 +248,8 @@ class Validator:
                 f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
                 f"Given: {p.truncate}"
             )
-        input_ids = await self.run(
-            tokenizer.encode, inputs, add_special_tokens=add_special_tokens, truncate=p.truncate
+        input_ids = await self._encoder.encode(
+            tokenizer, inputs, add_special_tokens=add_special_tokens, truncate=p.truncate
         )
         if not input_ids:
             raise ValidationError("`inputs` cannot be empty")

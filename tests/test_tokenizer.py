@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from router_double import gguf_path, real_tokenizer, tokenizer_cache_root
 
-from router.tokenizer import ChatTemplateMissing, TokenizerError, _cache_key, load_tokenizer
+from router.tokenizer import ChatTemplateMissing, Tokenizer, TokenizerError, _cache_key, load_tokenizer
 
 
 def test_gguf_conversion_is_cached_and_reloaded_fast():
@@ -72,3 +72,42 @@ def test_missing_chat_template_and_missing_file(tmp_path):
         tok.hf.chat_template = saved
     with pytest.raises(TokenizerError, match="not found"):
         load_tokenizer(str(tmp_path / "absent.gguf"), str(tmp_path))
+
+
+# Texts where a tokenizer's special cases show: special-token text, byte fallback, whitespace runs.
+TRICKY = [
+    "",
+    " ",
+    "Hello, world!",
+    "  leading and   inner   spaces\t\ttabs\n\nnewlines ",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "not special: <|im_end or <|im_end|x",
+    "😀 你好 café naïve Ωmega \u2028 \x00 \ufeff",
+    "1234567890 3.14159 -0.0 1e10",
+    "word " * 300,
+]
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_encode_and_encode_batch_give_the_ids_of_the_hugging_face_call(add_special_tokens):
+    """The router encodes through the Rust tokenizer directly, in batches; the ids must be those
+    of transformers' own call, one text at a time."""
+    tok = real_tokenizer()
+    expected = [list(tok.hf(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in TRICKY]
+    assert tok.encode_batch(TRICKY, add_special_tokens=add_special_tokens) == expected
+    assert [tok.encode(t, add_special_tokens=add_special_tokens) for t in TRICKY] == expected
+    assert tok.encode_batch([], add_special_tokens=add_special_tokens) == []
+
+
+def test_direct_encoding_ignores_truncation_and_padding_saved_in_the_tokenizer():
+    """A tokenizer.json may carry truncation or padding; transformers switches both off for a call
+    without them, and so does the router's direct path."""
+    folder = Path(tokenizer_cache_root()) / "tokenizers"
+    source = next(folder.iterdir())
+    loaded = load_tokenizer(str(source))
+    loaded.hf.backend_tokenizer.enable_truncation(max_length=3)
+    loaded.hf.backend_tokenizer.enable_padding(length=64)
+    again = Tokenizer(loaded.hf, name="with truncation and padding")
+    text = "one two three four five six seven"
+    assert again.encode(text) == real_tokenizer().encode(text)
+    assert len(again.encode(text)) > 3

@@ -464,3 +464,73 @@ def test_ignore_eos_token_reaches_the_scheduler(server, client):
     assert server.backend.scheduler.submitted[-1].ignore_eos_token is True
     client.post("/generate", json=gen("Hello", max_new_tokens=3))
     assert server.backend.scheduler.submitted[-1].ignore_eos_token is False
+
+
+def test_prompts_validated_together_are_encoded_together_and_judged_one_by_one():
+    """A burst is tokenized in one pool call (router/batch_encoder.py); each request still gets
+    its own ids, truncation and length verdict."""
+    import asyncio
+
+    from router.errors import ValidationError
+    from router.validation import Params, Validator
+
+    tok = real_tokenizer()
+    validator = Validator(workers=2)
+    submitted: list[int] = []
+    submit = validator._pool.submit
+
+    def counting_submit(fn, /, *args, **kwargs):  # noqa: ANN001, ANN202
+        submitted.append(len(args[1]))
+        return submit(fn, *args, **kwargs)
+
+    validator._pool.submit = counting_submit  # type: ignore[method-assign]
+    cases = [("Hello", None), (LONG, None), (LONG, 5), (MID, None), ("Hi there", 1)]
+
+    async def main() -> list[object]:
+        aws = [
+            validator.validate(
+                text,
+                Params(max_new_tokens=2, truncate=truncate),
+                tokenizer=tok,
+                limits=LIMITS,
+                prefill_logprobs_supported=True,
+                stream=True,
+            )
+            for text, truncate in cases
+        ]
+        return list(await asyncio.gather(*aws, return_exceptions=True))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        validator.close()
+    assert submitted == [len(cases)]
+    too_long = results[1]
+    assert isinstance(too_long, ValidationError)
+    assert str(too_long) == "`inputs` must have less than 256 tokens. Given: 300"
+    for (text, truncate), r in zip(cases, results, strict=True):
+        if r is too_long:
+            continue
+        ids = tok.encode(text)
+        assert r.request.input_ids == tuple(ids if truncate is None else ids[-truncate:]), text
+
+
+def test_a_burst_with_too_long_prompts_gets_a_422_for_each_of_those_only(server, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> tuple[int, dict]:
+        body = gen(LONG if i % 3 == 0 else f"Hello {i}", max_new_tokens=2)
+        r = client.post("/generate_stream" if i % 2 else "/generate", json=body)
+        return r.status_code, (r.json() if r.status_code != 200 else {})
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(one, range(48)))
+    for i, (status, payload) in enumerate(answers):
+        if i % 3 == 0:
+            assert status == 422
+            assert payload == {
+                "error": "`inputs` must have less than 256 tokens. Given: 300",
+                "error_type": "validation",
+            }
+        else:
+            assert status == 200
