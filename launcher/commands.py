@@ -109,7 +109,7 @@ def router_argv(config: LauncherConfig, *, master_url: str, tokenizer: str, mode
         "max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens", "max_batch_total_tokens",
         "max_batch_size", "max_concurrent_requests", "max_best_of", "max_stop_sequences",
         "max_top_n_tokens", "max_client_batch_size", "waiting_served_ratio", "max_waiting_tokens",
-        "max_decode_steps", "payload_limit", "cors_allow_origin", "validation_workers",
+        "max_decode_steps", "payload_limit", "cors_allow_origin", "validation_workers", "burst_hold_ms",
     ):  # fmt: skip
         argv += ["--" + name.replace("_", "-"), str(getattr(config, name))]
     # The router admits only for paged engines; "auto" is its max_utilization.

@@ -143,7 +143,9 @@ def install_service_routes(app: FastAPI, state: AppState) -> None:
 def create_app(backend: Backend) -> FastAPI:
     """The HTTP app over one Backend (router/backend.py). Routes answer 503 until the backend
     is ready; /live and /metrics answer from the start."""
-    validator = Validator(workers=backend.config.validation_workers or min(4, os.cpu_count() or 1))
+    validator = Validator(
+        workers=backend.config.validation_workers or min(4, os.cpu_count() or 1), arrivals=backend.arrivals
+    )
     state = AppState(
         backend=backend,
         validator=validator,

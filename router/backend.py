@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import replace
 
+from router.arrivals import Arrivals
 from router.client import ShardedClient
 from router.config import RouterConfig
 from router.errors import GenerationError
@@ -70,6 +71,7 @@ class Backend:
         self.limits: Limits | None = None
         self.tokenizer: Tokenizer | None = None
         self.scheduler: Scheduler | None = None
+        self.arrivals = Arrivals()  # the validator counts requests in validation; the scheduler reads it
         self.client: ShardedClient | None = None
         self.ready = False
         self.startup_error: BaseException | None = None
@@ -130,6 +132,8 @@ class Backend:
             prefix_caching=cfg.prefix_caching,
             mixed_batches=cfg.mixed_batches,
             reserve_kv=cfg.scheduler_policy == "guaranteed_no_evict",
+            arrivals=self.arrivals,
+            burst_hold_s=cfg.burst_hold_ms / 1e3,
         )
         self.scheduler.start()
         self.ready = True

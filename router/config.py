@@ -44,11 +44,17 @@ class RouterConfig:
     # guaranteed_no_evict (every running request's full length is reserved; never preempts).
     scheduler_policy: str = "max_utilization"
     cors_allow_origin: str = ""
+    # An idle server's first prefill waits up to this long while requests are still being
+    # validated (and the waiting ones do not fill a prefill), so a burst runs as one prefill
+    # (router/arrivals.py). 0 = off: the first request goes at once, as in TGI.
+    burst_hold_ms: float = 0.0
     # Threads that tokenize prompts (TGI's flag; the Rust tokenizer releases the GIL, so they run
     # beside the event loop). 0 = min(4, CPU cores).
     validation_workers: int = 0
 
     def __post_init__(self) -> None:
+        if self.burst_hold_ms < 0:
+            raise ValueError(f"--burst-hold-ms must be >= 0 (0 = off); got {self.burst_hold_ms}")
         if self.validation_workers < 0:
             raise ValueError(f"--validation-workers must be >= 0 (0 = automatic); got {self.validation_workers}")
         if self.scheduler_policy not in SCHEDULER_POLICIES:

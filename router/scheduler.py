@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from router import calltrace, metrics
+from router.arrivals import Arrivals
 from router.batch_policy import admit, nobody_can_join, plan_growth
 from router.client import ShardedClient, TokenRow, prefill_out, to_pb_request, token_out
 from router.errors import GenerationError, OverloadedError
@@ -47,6 +48,8 @@ class Scheduler:
         prefix_caching: bool,
         mixed_batches: bool = False,
         reserve_kv: bool = False,
+        arrivals: Arrivals | None = None,
+        burst_hold_s: float = 0.0,
     ) -> None:
         self.client = client
         self.info = info
@@ -59,6 +62,8 @@ class Scheduler:
         # Prefill calls carry the running batch's next step (PrefillRequest.decode_running).
         self.mixed = mixed_batches and info.supports_mixed_batches
         self.reserve_kv = reserve_kv  # --scheduler-policy guaranteed_no_evict (batch_policy.admit)
+        self.arrivals = arrivals  # requests still being validated (router/arrivals.py)
+        self.burst_hold_s = burst_hold_s if arrivals is not None else 0.0  # --burst-hold-ms
         self.kv = (
             KvPlanner(
                 # --max-batch-total-tokens caps the blocks handed out (as TGI v3 sizes its allocator)
@@ -142,6 +147,8 @@ class Scheduler:
                 await self._fail_all(GenerationError(f"internal error: {e!r}"))
 
     async def _iteration(self) -> None:
+        if self.burst_hold_s and not self.running and self.waiting:
+            await self._hold_for_burst()
         await self._drop_cancelled()
         self._head_blocked_by_kv = False  # set by _admit when it tries and the head does not fit
         # A mixed prefill costs the running batch nothing but a slower step, so it runs whenever
@@ -179,6 +186,30 @@ class Scheduler:
             await self._decode(steps)
             self._steps_since_prefill += steps  # TGI's waiting_tokens counts tokens, not calls
         self._update_gauges()
+
+    async def _hold_for_burst(self) -> None:
+        """An idle server's first prefill waits while requests are still being validated, until
+        they are all in the queue, the waiting ones fill a prefill (--max-batch-prefill-tokens),
+        or burst_hold_s has passed. Nothing runs, so the GPU loses nothing it had; a lone request
+        (nobody else in validation) goes at once."""
+        assert self.arrivals is not None
+        deadline = time.monotonic() + self.burst_hold_s
+        while self.arrivals.count and self._waiting_tokens_below(self.limits.max_batch_prefill_tokens):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.arrivals.next_change(), remaining)
+            except TimeoutError:
+                return
+
+    def _waiting_tokens_below(self, budget: int) -> bool:
+        total = 0
+        for entry in self.waiting:
+            total += len(entry.tokens)
+            if total >= budget:
+                return False
+        return True
 
     # -- policy pieces (router/batch_policy.py) --------------------------------------------------
     def _nobody_can_join(self) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from router import metrics
+from router.arrivals import Arrivals
 from router.batch_encoder import BatchEncoder
 from router.errors import UnhealthyError, ValidationError
 from router.types import GenerateRequest, Limits, SamplingParams
@@ -209,10 +210,12 @@ def build_request(
 class Validator:
     """Validates and tokenizes requests. Tokenization runs in a small thread pool (the Rust
     tokenizer releases the GIL), so a long prompt does not stall the event loop; prompts that
-    arrive together are encoded together (router/batch_encoder.py)."""
+    arrive together are encoded together (router/batch_encoder.py). `arrivals` counts the requests
+    being validated (router/arrivals.py: what the scheduler of an idle server may wait for)."""
 
-    def __init__(self, *, workers: int = 2) -> None:
+    def __init__(self, *, workers: int = 2, arrivals: Arrivals | None = None) -> None:
         self.workers = workers
+        self.arrivals = arrivals if arrivals is not None else Arrivals()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
         self._encoder = BatchEncoder(self._pool)
 
@@ -235,6 +238,24 @@ class Validator:
         stream: bool,
         add_special_tokens: bool = True,
         stop_token_ids: tuple[int, ...] = (),
+    ) -> ValidRequest:
+        with self.arrivals.track():
+            return await self._validate(
+                inputs, p, tokenizer=tokenizer, limits=limits, prefill_logprobs_supported=prefill_logprobs_supported,
+                stream=stream, add_special_tokens=add_special_tokens, stop_token_ids=stop_token_ids,
+            )  # fmt: skip
+
+    async def _validate(
+        self,
+        inputs: str,
+        p: Params,
+        *,
+        tokenizer: Tokenizer | None,
+        limits: Limits | None,
+        prefill_logprobs_supported: bool,
+        stream: bool,
+        add_special_tokens: bool,
+        stop_token_ids: tuple[int, ...],
     ) -> ValidRequest:
         start = time.monotonic()
         if tokenizer is None or limits is None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import uvicorn
 
+from router.arrivals import Arrivals
 from router.config import RouterConfig
 from router.errors import GenerationError, OverloadedError
 from router.http_sse import with_raw_send
@@ -231,6 +232,7 @@ class DoubleBackend:
     scheduler: ScriptedScheduler | None
     ready: bool = True
     shard_healthy: bool = True
+    arrivals: Arrivals = field(default_factory=Arrivals)
 
     async def healthy(self) -> bool:
         return self.ready and self.shard_healthy

@@ -475,6 +475,22 @@ def test_validation_workers_reach_the_router() -> None:
     assert router_value([], {"VALIDATION_WORKERS": "3"}) == "3"
 
 
+def test_burst_hold_reaches_the_router() -> None:
+    from router.config import parse_args as router_parse
+
+    def router_value(flags: list[str], env: dict[str, str]) -> str:
+        config = cli.parse_args(flags, env=env)
+        argv = cli.router_argv(config, master_url="unix:///s-0", tokenizer="/t", model_name="m")
+        return argv[argv.index("--burst-hold-ms") + 1]
+
+    assert router_value([], {}) == "0.0"  # off: TGI's behaviour
+    assert router_value(["--burst-hold-ms", "40"], {}) == "40.0"
+    assert router_value([], {"BURST_HOLD_MS": "25"}) == "25.0"
+    assert router_parse(["--burst-hold-ms", "40"], env={}).burst_hold_ms == 40.0
+    with pytest.raises(SystemExit):
+        router_parse(["--burst-hold-ms", "-1"], env={})
+
+
 def test_service_discovery_is_decoded_without_the_stubs() -> None:
     urls = ["unix:///tmp/a/shard-0", "host:50052", "x" * 300]
     assert (

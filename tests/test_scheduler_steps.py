@@ -316,3 +316,144 @@ def test_guaranteed_no_evict_never_preempts() -> None:
     run_mixed(client, (9, 9, 9, 9, 9), num_blocks=14, max_batch_size=None, reserve=True)
     assert not client.filtered, client.filtered
     assert client.peak == 2, client.peak
+
+
+# ---------------------------------------------------------------- --burst-hold-ms (router/arrivals.py)
+class PrefillLog(CountingClient):
+    """Records each prefill's request ids and when it went out (loop time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefills: list[tuple[float, list[int]]] = []
+
+    async def prefill(self, requests, *, decode_running=False, extensions=()):
+        self.prefills.append((asyncio.get_running_loop().time(), [r.id for r in requests]))
+        return await super().prefill(requests, decode_running=decode_running, extensions=extensions)
+
+
+def held_scheduler(client: CountingClient, arrivals, hold_s: float) -> Scheduler:
+    sched = scheduler(client, num_blocks=200, max_batch_size=None)
+    sched.arrivals, sched.burst_hold_s = arrivals, hold_s
+    return sched
+
+
+async def arrive(sched: Scheduler, arrivals, first: int, delay: float) -> RequestHandle:
+    """One request: `delay` seconds in validation (counted by `arrivals`), then submitted."""
+    with arrivals.track():
+        await asyncio.sleep(delay)
+    return sched.submit(request(first, 3))
+
+
+def test_an_idle_servers_first_prefill_waits_for_requests_still_in_validation() -> None:
+    from router.arrivals import Arrivals
+
+    async def main() -> list[list[int]]:
+        client, arrivals = PrefillLog(), Arrivals()
+        sched = held_scheduler(client, arrivals, hold_s=5.0)
+        sched.start()
+        try:
+            tasks = [asyncio.ensure_future(arrive(sched, arrivals, 1 + 20 * i, 0.01 * i)) for i in range(4)]
+            handles = await asyncio.gather(*tasks)
+            assert await asyncio.wait_for(asyncio.gather(*(drain(h) for h in handles)), 30) == [3] * 4
+        finally:
+            await sched.stop()
+        return [ids for _, ids in client.prefills]
+
+    # the first one arrives at once, the others 10-30 ms later: one prefill takes all four
+    assert asyncio.run(main()) == [[1, 2, 3, 4]]
+
+
+def test_without_the_hold_the_first_request_goes_alone() -> None:
+    """The same arrivals with the hold off (the default, TGI's behaviour): the first request is
+    prefilled before the others are in the queue."""
+    from router.arrivals import Arrivals
+
+    async def main() -> list[list[int]]:
+        client, arrivals = PrefillLog(), Arrivals()
+        sched = held_scheduler(client, arrivals, hold_s=0.0)
+        sched.start()
+        try:
+            tasks = [asyncio.ensure_future(arrive(sched, arrivals, 1 + 20 * i, 0.01 * i)) for i in range(4)]
+            handles = await asyncio.gather(*tasks)
+            await asyncio.wait_for(asyncio.gather(*(drain(h) for h in handles)), 30)
+        finally:
+            await sched.stop()
+        return [ids for _, ids in client.prefills]
+
+    assert asyncio.run(main())[0] == [1]
+
+
+def test_the_hold_ends_at_its_deadline_a_full_prefill_or_a_failed_validation() -> None:
+    from router.arrivals import Arrivals
+
+    async def main() -> tuple[float, list[list[int]], float, list[list[int]]]:
+        loop = asyncio.get_running_loop()
+        # 1) somebody stays in validation for 10 s: the hold gives up after its 50 ms
+        client, arrivals = PrefillLog(), Arrivals()
+        sched = held_scheduler(client, arrivals, hold_s=0.05)
+        sched.start()
+        slow = asyncio.ensure_future(arrive(sched, arrivals, 100, 10.0))
+        await asyncio.sleep(0.001)  # it is in validation now
+        try:
+            t0 = loop.time()
+            first = sched.submit(request(1, 3))
+            await asyncio.wait_for(drain(first), 5)
+            waited = client.prefills[0][0] - t0
+            got = [ids for _, ids in client.prefills]
+        finally:
+            slow.cancel()
+            await asyncio.gather(slow, return_exceptions=True)
+            await sched.stop()
+        # 2) a validation that fails (leaves without a submit) ends the hold at once
+        client2, arrivals2 = PrefillLog(), Arrivals()
+        sched2 = held_scheduler(client2, arrivals2, hold_s=5.0)
+        sched2.start()
+
+        async def rejected() -> None:
+            with arrivals2.track():
+                await asyncio.sleep(0.02)
+                raise ValueError("invalid request")
+
+        bad = asyncio.ensure_future(rejected())
+        await asyncio.sleep(0.001)
+        try:
+            t0 = loop.time()
+            h = sched2.submit(request(1, 3))
+            await asyncio.wait_for(drain(h), 5)
+            waited2 = client2.prefills[0][0] - t0
+        finally:
+            await asyncio.gather(bad, return_exceptions=True)
+            await sched2.stop()
+        return waited, got, waited2, [ids for _, ids in client2.prefills]
+
+    waited, got, waited2, got2 = asyncio.run(main())
+    assert 0.04 <= waited < 1.0 and got == [[1]]
+    assert 0.015 <= waited2 < 1.0 and got2 == [[1]]
+
+
+def test_a_waiting_set_that_fills_a_prefill_is_not_held() -> None:
+    """Waiting prompts that already fill --max-batch-prefill-tokens (30 here, 12 a prompt) go at
+    once, whoever is still in validation."""
+    from dataclasses import replace
+
+    from router.arrivals import Arrivals
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        client, arrivals = PrefillLog(), Arrivals()
+        sched = held_scheduler(client, arrivals, hold_s=5.0)
+        sched.limits = replace(sched.limits, max_batch_prefill_tokens=30)
+        slow = asyncio.ensure_future(arrive(sched, arrivals, 1000, 10.0))
+        await asyncio.sleep(0.001)
+        handles = [sched.submit(request(1 + 20 * i, 3)) for i in range(3)]  # 36 tokens waiting
+        t0 = loop.time()
+        sched.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(drain(h) for h in handles)), 5)
+            return client.prefills[0][0] - t0
+        finally:
+            slow.cancel()
+            await asyncio.gather(slow, return_exceptions=True)
+            await sched.stop()
+
+    assert asyncio.run(main()) < 0.5

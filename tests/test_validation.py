@@ -534,3 +534,39 @@ def test_a_burst_with_too_long_prompts_gets_a_422_for_each_of_those_only(server,
             }
         else:
             assert status == 200
+
+
+def test_the_validator_counts_requests_in_validation_for_the_scheduler():
+    """router/arrivals.py: a request counts from the start of its validation to its end, whether
+    it validates or fails, and each end resolves the scheduler's waiter."""
+    import asyncio
+
+    from router.arrivals import Arrivals
+    from router.errors import ValidationError
+    from router.validation import Params, Validator
+
+    tok = real_tokenizer()
+    arrivals = Arrivals()
+    validator = Validator(workers=2, arrivals=arrivals)
+
+    async def main() -> tuple[list[int], list[object], bool]:
+        seen: list[int] = []
+        waiter = arrivals.next_change()
+        aws = [
+            validator.validate(text, Params(max_new_tokens=2), tokenizer=tok, limits=LIMITS,
+                               prefill_logprobs_supported=True, stream=True)  # fmt: skip
+            for text in ("Hello", LONG, "Hi there")
+        ]
+        tasks = [asyncio.ensure_future(a) for a in aws]
+        await asyncio.sleep(0)  # all three are inside validation, waiting for their encode
+        seen.append(arrivals.count)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        seen.append(arrivals.count)
+        return seen, list(results), waiter.done()
+
+    try:
+        seen, results, woke = asyncio.run(main())
+    finally:
+        validator.close()
+    assert seen == [3, 0] and woke
+    assert isinstance(results[1], ValidationError) and not isinstance(results[0], Exception)
