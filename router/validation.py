@@ -239,24 +239,14 @@ class Validator:
         add_special_tokens: bool = True,
         stop_token_ids: tuple[int, ...] = (),
     ) -> ValidRequest:
-        with self.arrivals.track():
-            return await self._validate(
-                inputs, p, tokenizer=tokenizer, limits=limits, prefill_logprobs_supported=prefill_logprobs_supported,
-                stream=stream, add_special_tokens=add_special_tokens, stop_token_ids=stop_token_ids,
-            )  # fmt: skip
+        with self.arrivals.track():  # the scheduler of an idle server may wait for it (arrivals.py)
+            return await self._validate(inputs, p, tokenizer, limits, prefill_logprobs_supported, stream,
+                                        add_special_tokens, stop_token_ids)  # fmt: skip
 
     async def _validate(
-        self,
-        inputs: str,
-        p: Params,
-        *,
-        tokenizer: Tokenizer | None,
-        limits: Limits | None,
-        prefill_logprobs_supported: bool,
-        stream: bool,
-        add_special_tokens: bool,
-        stop_token_ids: tuple[int, ...],
-    ) -> ValidRequest:
+        self, inputs: str, p: Params, tokenizer: Tokenizer | None, limits: Limits | None,
+        prefill_logprobs_supported: bool, stream: bool, add_special_tokens: bool, stop_token_ids: tuple[int, ...],
+    ) -> ValidRequest:  # fmt: skip
         start = time.monotonic()
         if tokenizer is None or limits is None:
             raise UnhealthyError("the model is not ready yet")

@@ -344,12 +344,14 @@ async def arrive(sched: Scheduler, arrivals, first: int, delay: float) -> Reques
     return sched.submit(request(first, 3))
 
 
-def test_an_idle_servers_first_prefill_waits_for_requests_still_in_validation() -> None:
+def burst_prefills(hold_s: float) -> list[list[int]]:
+    """Four requests reach an idle scheduler, the first at once, the others 10-30 ms later (time
+    spent in validation); the request ids of each prefill."""
     from router.arrivals import Arrivals
 
     async def main() -> list[list[int]]:
         client, arrivals = PrefillLog(), Arrivals()
-        sched = held_scheduler(client, arrivals, hold_s=5.0)
+        sched = held_scheduler(client, arrivals, hold_s=hold_s)
         sched.start()
         try:
             tasks = [asyncio.ensure_future(arrive(sched, arrivals, 1 + 20 * i, 0.01 * i)) for i in range(4)]
@@ -359,28 +361,17 @@ def test_an_idle_servers_first_prefill_waits_for_requests_still_in_validation() 
             await sched.stop()
         return [ids for _, ids in client.prefills]
 
-    # the first one arrives at once, the others 10-30 ms later: one prefill takes all four
-    assert asyncio.run(main()) == [[1, 2, 3, 4]]
+    return asyncio.run(main())
+
+
+def test_an_idle_servers_first_prefill_waits_for_requests_still_in_validation() -> None:
+    assert burst_prefills(hold_s=5.0) == [[1, 2, 3, 4]]  # one prefill takes all four
 
 
 def test_without_the_hold_the_first_request_goes_alone() -> None:
-    """The same arrivals with the hold off (the default, TGI's behaviour): the first request is
-    prefilled before the others are in the queue."""
-    from router.arrivals import Arrivals
-
-    async def main() -> list[list[int]]:
-        client, arrivals = PrefillLog(), Arrivals()
-        sched = held_scheduler(client, arrivals, hold_s=0.0)
-        sched.start()
-        try:
-            tasks = [asyncio.ensure_future(arrive(sched, arrivals, 1 + 20 * i, 0.01 * i)) for i in range(4)]
-            handles = await asyncio.gather(*tasks)
-            await asyncio.wait_for(asyncio.gather(*(drain(h) for h in handles)), 30)
-        finally:
-            await sched.stop()
-        return [ids for _, ids in client.prefills]
-
-    assert asyncio.run(main())[0] == [1]
+    """The hold off (the default, TGI's behaviour): the first request is prefilled before the
+    others are in the queue."""
+    assert burst_prefills(hold_s=0.0)[0] == [1]
 
 
 def test_the_hold_ends_at_its_deadline_a_full_prefill_or_a_failed_validation() -> None:
