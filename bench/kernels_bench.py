@@ -27,6 +27,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from shard.native.kernels import triton_attention as ta
@@ -352,6 +353,65 @@ def prefill_section(quick: bool) -> dict:
     return default
 
 
+# (sequences, length) shapes fresh equal-length prefills meet: benchmark lengths and odd ones
+FIRST_CALL_SHAPES = [(1, 1024), (1, 1000), (1, 1537), (1, 2048), (4, 2048), (8, 2048), (7, 2048),
+                     (64, 128), (59, 128), (5, 128), (16, 1024), (8, 1000)]  # fmt: skip
+
+
+def first_call_section() -> list[dict]:
+    """What a shape's first call costs on each prefill route (wall clock, synchronized, ms),
+    against its steady-state time: cuDNN (SDPA's pick for the dense route on H100) plans a graph
+    per new (B, L); the paged Triton kernel and FA2 varlen are compiled once. Per attention call
+    (one layer); a model call runs it once per layer, but the plan is built once per process."""
+    row("\n== first call per new (B, L) shape: dense SDPA (cuDNN) vs paged triton vs FA2 varlen, ms ==")
+    out = [first_call_case(b, length) for b, length in FIRST_CALL_SHAPES]
+    return out
+
+
+def _wall_ms(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _with_backend(backend: SDPBackend, fn: Callable[..., torch.Tensor], *args: object, **kw: object) -> torch.Tensor:
+    with sdpa_kernel([backend]):
+        return fn(*args, **kw)
+
+
+def first_call_case(b: int, length: int) -> dict:
+    lens = [length] * b
+    k_cache, v_cache, tables, seq_lens = paged_cache(lens)
+    t = b * length
+    q = torch.randn((t, HQ, D), device=DEV, dtype=DT)
+    k_new, v_new = (gathered(c, tables, length).transpose(1, 2).reshape(t, HKV, D) for c in (k_cache, v_cache))
+    cu = torch.arange(0, t + 1, length, dtype=torch.int32, device=DEV)
+    scale = D**-0.5
+    fns = {
+        "dense": lambda: ta.dense_causal_prefill(q, k_new, v_new, scale, num_seqs=b),
+        "paged": lambda: ta.paged_prefill_attention(q, k_cache, v_cache, tables, seq_lens, cu, length, scale),
+        "varlen": lambda: ta.varlen_causal_prefill(q, k_new, v_new, cu, length, scale),
+        "sdpa_flash": lambda: _with_backend(SDPBackend.FLASH_ATTENTION, ta.dense_causal_prefill, q, k_new, v_new, scale, num_seqs=b),
+        "sdpa_cudnn": lambda: _with_backend(SDPBackend.CUDNN_ATTENTION, ta.dense_causal_prefill, q, k_new, v_new, scale, num_seqs=b),
+    }  # fmt: skip
+    r: dict = {"b": b, "length": length, "flops": prefill_flops(lens, lens)}
+    for name, fn in list(fns.items()):
+        try:
+            r[f"{name}_first_ms"] = _wall_ms(fn)
+        except Exception as e:  # a backend that does not take this shape (or GQA)
+            r[f"{name}_error"] = repr(e)[:300]
+            del fns[name]
+            continue
+        r[f"{name}_second_ms"] = _wall_ms(fn)
+        r[f"{name}_ms"] = bench(fn)
+    row(f"B={b} L={length}: " + " | ".join(
+        f"{n} first {r[f'{n}_first_ms']:.1f} second {r[f'{n}_second_ms']:.2f} steady {r[f'{n}_ms']:.3f}" for n in fns
+    ))  # fmt: skip
+    return r
+
+
 def prefill_sweep() -> list[dict]:
     sweep = []
     row("-- prefill config sweep (TF/s) --")
@@ -537,6 +597,9 @@ def main() -> int:
         save()
     if "prefill" in sections:
         results["prefill"] = prefill_section(args.quick)
+        save()
+    if "first_call" in sections:
+        results["first_call"] = first_call_section()
         save()
     if "prefill_sweep" in sections:
         results["prefill_sweep"] = prefill_sweep()

@@ -297,6 +297,17 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[int | None], list[int
     return out
 
 
+def input_lengths(in_len: int, n: int, rng: random.Random, *, spread: float) -> list[int]:
+    """Each prompt's input length: the preset's, or with --input-range R drawn uniformly from
+    [in_len * (1 - R), in_len * (1 + R)] (vllm bench serve's random range ratio, on the input
+    side only: the output length stays the preset's, so levels compare by output tok/s). R = 0
+    draws nothing, so a seed gives the same prompts as before the flag."""
+    if spread <= 0:
+        return [in_len] * n
+    lo, hi = max(2, round(in_len * (1 - spread))), round(in_len * (1 + spread))
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
 def num_prompts_for(concurrency: int | None, override: list[int], index: int) -> int:
     """--num-prompts: one number for every level, one per level, or none: max(32, 4 x concurrency)
     (256 for "inf")."""
@@ -321,9 +332,8 @@ async def run_benchmark(
                 base_url, warm, max_new_tokens=min(out_len, 16), concurrency=None, extra_params=extra
             )
         for k, conc in enumerate(levels):
-            prompts = [
-                exact_prompt(tok, in_len, rng, vocab=vocab) for _ in range(num_prompts_for(conc, counts, k))
-            ]
+            targets = input_lengths(in_len, num_prompts_for(conc, counts, k), rng, spread=args.input_range)
+            prompts = [exact_prompt(tok, n, rng, vocab=vocab) for n in targets]
             before = server_counters(base_url)
             with GpuBusy() as busy:
                 records, duration, client_cpu = await run_level_procs(
@@ -339,7 +349,8 @@ async def run_benchmark(
             # (aiohttp, SSE parsing in one Python process) and not the server set the pace.
             res["client_cpu_fraction"] = client_cpu
             res["client_procs"] = len(concurrency_shares(conc, args.client_procs))
-            res["exact_input_fraction"] = sum(n == in_len for _, n in prompts) / len(prompts)
+            res["exact_input_fraction"] = sum(n == want for (_, n), want in zip(prompts, targets, strict=True)) / len(prompts)
+            res["input_range"] = args.input_range
             results.append(res)
             save(results)
             print(
@@ -438,6 +449,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="PRESETS|LEVELS|COUNTS",
         help="instead of the three flags above: several entries, e.g. '128/128|1,16,inf|8,32,64'",
     )
+    p.add_argument(
+        "--input-range",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="input lengths uniform in [IN*(1-R), IN*(1+R)] instead of exactly IN (0 <= R < 1)",
+    )
     p.add_argument("--warmup-requests", type=int, default=2)
     p.add_argument(
         "--client-procs",
@@ -461,7 +479,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", default=None, help="results JSON (default bench/results/serve-<card>-<date>.json)"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.input_range < 1:
+        p.error(f"--input-range must be in [0, 1), got {args.input_range}")
+    return args
 
 
 def levels_table(results: list[dict[str, Any]]) -> str:

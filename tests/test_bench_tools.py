@@ -482,18 +482,41 @@ def test_serve_bench_against_a_real_stack_reports_the_clients_cpu(tmp_path):
     out = tmp_path / "serve.json"
     launch = (f"--model-id shard/native/configs/llama-tiny.json --tokenizer-name {embedded_model_path()} "
               "--load-format dummy --dtype float32 --max-input-tokens 64 --max-total-tokens 128")  # fmt: skip
-    for procs in (1, 2):  # one client process, then two sharing each level
+    for procs in (1, 2):  # one client process, then two sharing each level (prompts of 18-30 tokens)
+        spread = "0" if procs == 1 else "0.25"
         rc = main([f"--launch={launch}", "--tokenizer", embedded_model_path(), "--plan", "24/6|1,inf|2,4",
-                   "--warmup-requests", "1", "--client-procs", str(procs), "--out", str(out)])  # fmt: skip
+                   "--warmup-requests", "1", "--client-procs", str(procs), "--out", str(out),
+                   "--input-range", spread])  # fmt: skip
         assert rc == 0
         levels = json.loads(out.read_text())["levels"]
         assert [lv["concurrency"] for lv in levels] == [1, "inf"]
         for lv in levels:
             assert lv["failed"] == 0 and lv["completed"] == (2 if lv["concurrency"] == 1 else 4)
             assert lv["exact_output_fraction"] == 1.0
+            assert lv["exact_input_fraction"] == 1.0 and lv["input_range"] == float(spread)
+            if procs == 1:
+                assert lv["input_tokens"] == 24 * lv["completed"]
             assert lv["client_procs"] == (1 if lv["concurrency"] == 1 else procs)
 
             assert 0 < lv["client_cpu_fraction"] <= 1.0
+
+
+def test_input_range_draws_lengths_around_the_preset():
+    import random
+
+    from bench.serve_bench import input_lengths, parse_args
+
+    rng = random.Random(3)
+    assert input_lengths(128, 5, rng, spread=0) == [128] * 5
+    assert rng.random() == random.Random(3).random()  # no spread draws nothing: same prompts as before
+    lens = input_lengths(1024, 2000, random.Random(1), spread=0.5)
+    assert min(lens) >= 512 and max(lens) <= 1536 and len(set(lens)) > 500
+    assert 950 < sum(lens) / len(lens) < 1100
+    assert min(input_lengths(4, 200, random.Random(1), spread=0.9)) == 2  # never below 2 tokens
+    assert parse_args(["--input-range", "0.25"]).input_range == 0.25
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            parse_args(["--input-range", bad])
 
 
 def test_client_processes_split_the_concurrency_exactly():

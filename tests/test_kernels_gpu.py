@@ -342,7 +342,7 @@ def test_backend_no_prefix_batch_matches_reference_backend(
     for name in ("dense_causal_prefill", "varlen_causal_prefill", "paged_prefill_attention"):
         real = getattr(ta, name)
         monkeypatch.setattr(ta, name, lambda *a, _n=name, _f=real, **kw: (calls.append(_n), _f(*a, **kw))[1])
-    fast, fast_k, fast_v = run(ta.TritonAttention(varlen_flash=varlen_flash))
+    fast, fast_k, fast_v = run(ta.TritonAttention(varlen_flash=varlen_flash, cudnn_build_ms=0))
     half = dtype != torch.float32
     if case == "equal" and half:
         assert calls == ["dense_causal_prefill"]
@@ -407,7 +407,9 @@ def test_backend_forward_writes_then_attends(phase: str) -> None:
         cu_seqlens_q=p.cu_seqlens_q, is_prefill=phase != "decode", max_seqlen_q=max(news), max_seqlen_k=max(lens),
         num_decode=3 if phase.startswith("mixed") else 0, fresh_equal_len=33 if phase == "mixed_fresh" else 0,
     )  # fmt: skip
-    out = ta.TritonAttention().forward(q, k, v, p.k_cache, p.v_cache, meta, 0.09)
+    # cudnn_build_ms=0: the dense route from the first call (by default a new shape rents the
+    # paged kernel first: dense_plans.py)
+    out = ta.TritonAttention(cudnn_build_ms=0).forward(q, k, v, p.k_cache, p.v_cache, meta, 0.09)
     flat_k = p.k_cache.view(-1, hkv, d)
     assert torch.equal(flat_k[p.slot_mapping], k)
     assert torch.equal(p.v_cache.view(-1, hkv, d)[p.slot_mapping], v)

@@ -6,6 +6,7 @@ is checked (tests/test_kernels_gpu.py checks the kernels' numbers on a GPU)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +19,7 @@ from shard.native.cuda_graphs import StaticDecodeInputs
 from shard.native.engine import NativeEngine, RuntimeOptions
 from shard.native.forward import AttentionMetadata, ForwardBatch
 from shard.native.kernels import triton_attention as ta
+from shard.native.kernels.dense_plans import DensePlans
 from shard.native.loader import load_model
 from shard.native.tp import TPGroup
 from tests.native_helpers import perturbed_state_dict, save_hf_model, tiny_config
@@ -182,7 +184,7 @@ def forward(backend: ta.TritonAttention, batch: ForwardBatch) -> None:
 
 def test_backend_sends_fresh_equal_length_prefills_to_batched_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     rec = Recorder(monkeypatch, fused_ok=True)
-    forward(ta.TritonAttention(), prefill([9, 9, 9, 9], [0] * 4))
+    forward(ta.TritonAttention(cudnn_build_ms=0), prefill([9, 9, 9, 9], [0] * 4))
     assert [name for name, _, _ in rec.calls] == ["store_kv", "dense_causal_prefill"]
     (k, v, scale), kwargs = rec.calls[1][1:]
     assert kwargs == {"num_seqs": 4} and scale == 0.25
@@ -194,7 +196,7 @@ def test_backend_gives_a_mixed_batchs_fresh_equal_prompts_their_own_rows(
 ) -> None:
     """The dense route of a mixed batch sees only the prompts' rows, as (sequences, length) views."""
     rec = Recorder(monkeypatch, fused_ok=True)
-    forward(ta.TritonAttention(), prefill([1, 1, 5, 5, 5], [9, 3, 0, 0, 0], num_decode=2))
+    forward(ta.TritonAttention(cudnn_build_ms=0), prefill([1, 1, 5, 5, 5], [9, 3, 0, 0, 0], num_decode=2))
     names = [name for name, _, _ in rec.calls]
     assert names == ["store_kv", "paged_decode_attention", "dense_causal_prefill"]
     (k, v, scale), kwargs = rec.calls[2][1:]
@@ -238,8 +240,100 @@ def test_backend_keeps_other_prefills_on_their_kernels(
     backend_kw: dict, want: str,
 ) -> None:  # fmt: skip
     rec = Recorder(monkeypatch, fused_ok=fused_ok)
-    forward(ta.TritonAttention(**backend_kw), prefill(news, prefixes, num_decode=num_decode))
+    forward(
+        ta.TritonAttention(**{"cudnn_build_ms": 0} | backend_kw),
+        prefill(news, prefixes, num_decode=num_decode),
+    )
     assert "+".join(rec.kernels()) == want
+
+
+# ---------------------------------------------------------------- cuDNN's per-shape builds
+def test_dense_plans_rent_until_the_losses_pay_for_a_build() -> None:
+    plans = DensePlans(build_ms=65.0)
+    per_layer_us = 8 * 2048 * (0.006 + 9.2e-6 * 2048)  # what the model says 8 x 2,048 loses a layer
+    calls = 0
+    while not plans.ready(8, 2048):
+        calls += 1
+        for _ in range(32):  # one call of a 32-layer model
+            plans.rent(8, 2048)
+    assert calls == math.ceil(65e3 / (32 * per_layer_us)) == 5  # ready from the sixth call
+    assert not plans.ready(2048, 8) and not plans.ready(8, 2047)  # the shape, not its token count
+    assert (8, 2048) not in plans.lost_us  # the ledger forgets what it built
+    for _ in range(32):
+        plans.rent(64, 128)
+    assert not plans.ready(64, 128) and 0 < plans.lost_us[(64, 128)] < 65e3
+
+
+def test_dense_plans_build_at_once_when_told_and_read_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert DensePlans(build_ms=0).ready(3, 17)
+    monkeypatch.setenv("SHARD_CUDNN_BUILD_MS", "0")
+    assert DensePlans().ready(3, 17)
+    monkeypatch.setenv("SHARD_CUDNN_BUILD_MS", "1")
+    plans = DensePlans()
+    assert not plans.ready(1, 1000)
+    plans.rent(1, 1000)  # 1,000 x (0.006 + 0.0092) = 15.2 us: not yet 1 ms
+    assert not plans.ready(1, 1000)
+    for _ in range(65):
+        plans.rent(1, 1000)
+    assert plans.ready(1, 1000)
+    assert DensePlans(build_ms=65).build_us == 65e3
+    with pytest.raises(ValueError, match="build_ms"):
+        DensePlans(build_ms=-1)
+
+
+def test_dense_plans_ledger_is_bounded() -> None:
+    plans = DensePlans(build_ms=1e9)
+    for length in range(1, 5000):
+        plans.rent(1, length)
+    assert 0 < len(plans.lost_us) <= 4096
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_backend_keeps_a_new_shape_on_the_paged_kernel_until_cudnn_pays(
+    monkeypatch: pytest.MonkeyPatch, mixed: bool
+) -> None:
+    """A fresh equal-length shape cuDNN has no graph for takes the paged kernel in every layer of
+    a step, each layer booking its loss; the step after the losses reach the build's cost takes
+    SDPA in every layer. Another shape starts over; fp32 (no cuDNN there) never waits."""
+    rec = Recorder(monkeypatch, fused_ok=True)
+    backend = ta.TritonAttention(cudnn_build_ms=0.05)  # 50 us: 8 x 9 tokens lose ~0.44 us a layer
+    num_decode = 2 if mixed else 0
+    batch = prefill([1] * num_decode + [9] * 8, [9, 3][:num_decode] + [0] * 8, num_decode=num_decode)
+    prompts = "paged_decode_attention+" if mixed else ""
+    steps = []
+    for _ in range(20):
+        rec.calls.clear()
+        meta = meta_of(batch)  # a new step
+        for _ in range(8):  # its layers share the metadata
+            t, hq, hkv, d = batch.num_tokens, 4, 2, 16
+            q, k, v = torch.zeros((t, hq, d)), torch.zeros((t, hkv, d)), torch.zeros((t, hkv, d))
+            cache = torch.zeros((64, BS, hkv, d))
+            backend.forward(q, k, v, cache, cache, meta, 0.25)
+        kernels = rec.kernels()
+        per_layer = len(kernels) // 8
+        assert kernels == kernels[:per_layer] * 8, "every layer of a step takes the same kernel"
+        steps.append("+".join(kernels[:per_layer]))
+    paged, dense = prompts + "paged_prefill_attention", prompts + "dense_causal_prefill"
+    n = steps.index(dense)
+    per_layer_us = 72 * (0.006 + 9.2e-6 * 9)
+    assert n == math.ceil(50 / (8 * per_layer_us)) and steps == [paged] * n + [dense] * (20 - n)
+    rec.calls.clear()
+    forward(
+        backend, prefill([1] * num_decode + [9] * 7, [9, 3][:num_decode] + [0] * 7, num_decode=num_decode)
+    )
+    assert "+".join(rec.kernels()) == paged  # 7 x 9 is a shape of its own
+
+    fp32 = Recorder(monkeypatch, fused_ok=False)
+    forward(ta.TritonAttention(), prefill([9], [0]))
+    assert fp32.kernels() == ["dense_causal_prefill"]  # one fp32 sequence: SDPA's math kernel, no build
+
+
+def test_backend_sends_a_new_shape_to_varlen_flash_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder(monkeypatch, fused_ok=True)
+    forward(ta.TritonAttention(varlen_flash=True), prefill([9, 9], [0, 0]))
+    assert rec.kernels() == ["varlen_causal_prefill"]
 
 
 # ---------------------------------------------------------------- the engine's steps

@@ -66,9 +66,10 @@ class AttentionMetadata:
     num_decode: int = 0  # ForwardBatch.num_decode
     no_prefix: bool = False  # ForwardBatch.no_prefix
     fresh_equal_len: int = 0  # ForwardBatch.fresh_equal_len
-    # Tensors a backend derives from the fields above once per step and reuses in every layer
-    # (e.g. the reference backend's gather index and length mask); lives as long as this step.
-    derived: dict[str, torch.Tensor] = field(default_factory=dict)
+    # What a backend derives from the fields above once per step and reuses in every layer (e.g.
+    # the reference backend's gather index and length mask, the Triton backend's kernel choice);
+    # lives as long as this step.
+    derived: dict[str, torch.Tensor | bool] = field(default_factory=dict)
 
     @classmethod
     def from_batch(cls, batch: ForwardBatch) -> AttentionMetadata:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from shard.native.forward import AttentionMetadata
+from shard.native.kernels.dense_plans import DensePlans
 
 _LOG2E = 1.4426950408889634
 
@@ -236,8 +237,9 @@ def dense_causal_prefill(
     are exactly the new k/v, so torch's SDPA on (B, H, L, D) views of them is the whole attention.
     On H100 (torch 2.11) SDPA picks cuDNN there: ~500 TFLOP/s at 4 x 2048 and 1 x 4096 against
     ~300 for the paged kernel and ~280 for FA2 (bench/kernels_bench.py, prefill section). But
-    cuDNN builds a graph for every new (B, L) on its first call (~37 ms on H100 in one ad-hoc
-    run; then cached per process), which FA2 does not. q (T, HQ, D), k/v (T, HKV, D), sequence-major, may be strided
+    cuDNN builds a graph for every new (B, L) on its first call (59-66 ms on H100, then cached
+    per process; kernels_bench --sections first_call), which FA2 and the paged kernel do not:
+    TritonAttention sends a shape here only once it has paid for that (dense_plans.py). q (T, HQ, D), k/v (T, HKV, D), sequence-major, may be strided
     views -> (T, HQ, D) contiguous."""
     t, hq, d = q.shape
     hkv = k.shape[1]
@@ -339,17 +341,21 @@ class TritonAttention:
         prefill_config: PrefillConfig = PrefillConfig(),
         dense_prefill: bool | None = None,
         varlen_flash: bool = False,
+        cudnn_build_ms: float | None = None,
     ) -> None:
         self.decode_config = decode_config
         self.prefill_config = prefill_config
         # SHARD_DENSE_PREFILL=0: every prefill takes the paged kernel. cuDNN (SDPA's pick on H100)
-        # builds a graph on the first call of each new (sequences, length), ~37 ms once on an H100,
-        # which traffic with many distinct prompt lengths pays once per length; the paged kernel
-        # compiles once.
+        # builds a graph on the first call of each new (sequences, length), 59-66 ms on an H100;
+        # the paged kernel compiles once (see dense_plans below).
         if dense_prefill is None:
             dense_prefill = os.environ.get("SHARD_DENSE_PREFILL", "1") != "0"
         self.dense_prefill = dense_prefill
         self.varlen_flash = varlen_flash
+        # Which shapes the dense route may hand to cuDNN (fp16/bf16 on the GPU, where SDPA picks
+        # it): those whose losses on the paged kernel paid for cuDNN's per-shape build (ski
+        # rental, dense_plans.py). cudnn_build_ms=0: every shape at once.
+        self.dense_plans = DensePlans(cudnn_build_ms)
 
     def forward(
         self,
@@ -368,12 +374,17 @@ class TritonAttention:
             )
         if meta.num_decode:
             return self._mixed(q, k, v, k_cache, v_cache, meta, scale)
+        fused_ok = _fused_attention_ok(q)
         route = prefill_route(
-            meta, num_tokens=q.shape[0], fused_ok=_fused_attention_ok(q), dense_prefill=self.dense_prefill,
+            meta, num_tokens=q.shape[0], fused_ok=fused_ok, dense_prefill=self.dense_prefill,
             varlen_flash=self.varlen_flash,
         )  # fmt: skip
         if route == "dense":
-            return dense_causal_prefill(q, k, v, scale, num_seqs=meta.seq_lens.shape[0])
+            num_seqs = meta.seq_lens.shape[0]
+            if not fused_ok or self._cudnn_ready(meta, num_seqs, q.shape[0] // num_seqs):
+                return dense_causal_prefill(q, k, v, scale, num_seqs=num_seqs)
+            # a shape cuDNN has no graph for yet: what an uneven fresh batch would take
+            route = "varlen_flash" if self.varlen_flash else "paged"
         if route == "varlen_flash":
             # meta.no_prefix: seq_lens == the new-token counts, so max_seqlen_q bounds every sequence
             return varlen_causal_prefill(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale)
@@ -404,8 +415,13 @@ class TritonAttention:
             q[:n], k_cache, v_cache, meta.block_tables[:n], meta.seq_lens[:n], scale,
             config=self.decode_config, out=out[:n],
         )  # fmt: skip
-        if meta.fresh_equal_len and self.dense_prefill and _fused_attention_ok(q):
-            num_seqs = meta.seq_lens.shape[0] - n
+        num_seqs = meta.seq_lens.shape[0] - n
+        if (
+            meta.fresh_equal_len
+            and self.dense_prefill
+            and _fused_attention_ok(q)
+            and self._cudnn_ready(meta, num_seqs, meta.fresh_equal_len)
+        ):
             out[n:] = dense_causal_prefill(q[n:], k[n:], v[n:], scale, num_seqs=num_seqs)
         elif q.shape[0] > n:
             if "prefill_cu" not in meta.derived:  # once per step, shared by every layer
@@ -415,5 +431,17 @@ class TritonAttention:
                 meta.max_seqlen_q, scale, config=self.prefill_config, out=out[n:],
             )  # fmt: skip
         return out
+
+    def _cudnn_ready(self, meta: AttentionMetadata, num_seqs: int, length: int) -> bool:
+        """May this step's fresh equal-length prompts (num_seqs x length) go to SDPA/cuDNN? Decided
+        at the step's first layer and kept for all of them (meta.derived is per step); each layer
+        that takes the paged kernel instead books its loss, so the next step of this shape may
+        be ready."""
+        ready = meta.derived.get("cudnn_ready")
+        if ready is None:
+            ready = meta.derived["cudnn_ready"] = self.dense_plans.ready(num_seqs, length)
+        if not ready:
+            self.dense_plans.rent(num_seqs, length)
+        return ready
 
     __call__ = forward
