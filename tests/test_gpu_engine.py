@@ -155,6 +155,13 @@ def test_gpu_gaps_books_every_transition_and_changes_no_token(tmp_path, monkeypa
     assert {"prefill->call, rebuilt", "step->step", "step->call"} <= set(gaps.count), gaps.count
     assert gaps.count["call->step"] >= 3 and all(v >= 0 for v in gaps.idle_ms.values())
     assert gaps.away["multi-step"][0] >= 2 and gaps.away["multi-step"][2] > 0  # host time between calls
+    # GPU time by class of work: every prompt token went through a prefill; decode steps of <= 8 rows
+    # holding K/V (at least their prompts' tokens each)
+    n, ms, tokens, _ = gaps.work["prefill"]
+    assert n >= 1 and ms > 0 and tokens >= sum(map(len, prompts))
+    n, ms, rows, kv = gaps.work["decode<=8"]
+    assert n >= 4 and ms > 0 and 0 < rows <= 3 * n and kv >= rows * 3
+    assert set(gaps.work) <= {"prefill", "decode<=8"}
     print("gpu gaps:", gaps.summary())
 
 

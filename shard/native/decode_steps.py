@@ -268,7 +268,7 @@ class DecodeSteps:
             dist.broadcast(out.token_ids, src=self.world_size - 1)
         step = LaunchedStep(seqs=seqs, ids=out.token_ids, host=out.start_host_copy())
         if self._gaps is not None:
-            self._gaps.end()
+            self._gaps.end(rows=len(seqs), kv_tokens=sum(s.kv_len for s in seqs))
         return step
 
     def _generations(self, step: LaunchedStep) -> list[Generation]:

@@ -14,6 +14,10 @@ Gaps over NO_WORK_MS are a server without work and are kept apart. Rank 0 logs t
 totals every LOG_EVERY_S seconds of work: "gpu gaps: busy ... idle ... by transition ...";
 bench/sched_bench.py --shard-log keeps the log.
 
+It also sums each piece's GPU time by class of work (`work`): prefills with their token counts,
+decode steps by batch size with their rows and the K/V tokens those hold, so that each class
+compares with its floor (weights once a step, plus the K/V read, over the copy bandwidth).
+
 On the host's clock it also books each Decode call's time away from the engine: from the end of
 one engine call (its tokens read) to the start of the next Decode, i.e. building the answer, the
 RPC both ways and the router's work between calls -- what the carried step has to cover. Split by
@@ -44,7 +48,13 @@ def gaps_enabled(device: torch.device) -> bool:
 class GpuGaps:
     def __init__(self, *, rank: int = 0) -> None:
         self.rank = rank
-        self._open: deque[tuple[str, torch.cuda.Event, torch.cuda.Event]] = deque()
+        # (kind, start, end, work class, rows or prefill tokens, K/V tokens) per piece in flight
+        self._open: deque[tuple[str, torch.cuda.Event, torch.cuda.Event, str, int, int]] = deque()
+        self._tokens = 0  # the open prefill's new tokens
+        # GPU time by class of work: [pieces, ms, rows (prefill: tokens), K/V tokens held]. Decode
+        # steps by batch size, so that each class's ms compare with its floor (weights read once
+        # a step plus its K/V tokens, over the copy bandwidth).
+        self.work: dict[str, list[float]] = {}
         self._start: tuple[str, torch.cuda.Event] | None = None
         self._prev: tuple[str, torch.cuda.Event] | None = None  # the last finished piece's kind, end
         self.busy_ms = 0.0
@@ -77,27 +87,29 @@ class GpuGaps:
         """Anything else ran between two Decode calls (a Prefill): the next gap is not booked."""
         self._call_end = None
 
-    def begin(self, kind: str) -> None:
-        """Before the piece's first kernel (its input copies included)."""
+    def begin(self, kind: str, *, tokens: int = 0) -> None:
+        """Before the piece's first kernel (its input copies included); a prefill's token count."""
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         self._start = (kind, ev)
+        self._tokens = tokens
 
-    def end(self) -> None:
-        """After the piece's last kernel (its sampling and the tokens' copy queued)."""
+    def end(self, *, rows: int = 0, kv_tokens: int = 0) -> None:
+        """After the piece's last kernel (its sampling and the tokens' copy queued): its sequences
+        and the K/V tokens they hold (what a decode step's attention reads)."""
         if self._start is None:
             return
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         kind, start = self._start
         self._start = None
-        self._open.append((kind, start, ev))
+        self._open.append((kind, start, ev, work_class(kind, rows), rows if kind != "prefill" else self._tokens, kv_tokens))
         self.collect()
 
     def collect(self) -> None:
         """Books the pieces whose end event has completed (never waits)."""
         while self._open and self._open[0][2].query():
-            kind, start, end = self._open.popleft()
+            kind, start, end, cls, rows, kv_tokens = self._open.popleft()
             if self._prev is not None:
                 prev_kind, prev_end = self._prev
                 gap = max(0.0, prev_end.elapsed_time(start))
@@ -107,7 +119,13 @@ class GpuGaps:
                     key = f"{prev_kind}->{kind}"
                     self.idle_ms[key] = self.idle_ms.get(key, 0.0) + gap
                     self.count[key] = self.count.get(key, 0) + 1
-            self.busy_ms += start.elapsed_time(end)
+            ms = start.elapsed_time(end)
+            self.busy_ms += ms
+            book = self.work.setdefault(cls, [0, 0.0, 0, 0])
+            book[0] += 1
+            book[1] += ms
+            book[2] += rows
+            book[3] += kv_tokens
             self._prev = (kind, end)
         now = time.monotonic()
         if self.rank == 0 and now - self._logged >= LOG_EVERY_S:
@@ -124,7 +142,25 @@ class GpuGaps:
             for k, (n, ms, tok) in self.away.items()
             if n
         )
+        work = "; ".join(
+            f"{k} {int(n)} x {ms / n:.2f} ms, rows {rows / n:.1f}, kv {kv / n:.0f}"
+            for k, (n, ms, rows, kv) in sorted(self.work.items())
+        )
         return (
             f"busy {self.busy_ms:.0f} ms idle {idle:.0f} ms (no work {self.no_work_ms:.0f} ms) "
-            f"by transition: {parts}; away between Decode calls: {away or 'none'}"
+            f"by transition: {parts}; away between Decode calls: {away or 'none'}; work: {work}"
         )
+
+
+DECODE_BUCKETS = (8, 32, 64, 128, 256)
+
+
+def work_class(kind: str, rows: int) -> str:
+    """"prefill" (mixed ones included), else decode steps by batch size: "decode<=8" ...
+    "decode<=256", "decode>256"."""
+    if kind == "prefill":
+        return "prefill"
+    for top in DECODE_BUCKETS:
+        if rows <= top:
+            return f"decode<={top}"
+    return f"decode>{DECODE_BUCKETS[-1]}"

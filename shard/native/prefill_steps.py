@@ -56,7 +56,8 @@ class PrefillSteps:
         start = time.perf_counter_ns()
         if self._gaps is not None:
             self._gaps.not_a_decode()
-            self._gaps.begin("prefill")
+            tokens = len(running) + sum(len(s.tokens) - r.prefix_len for s, r in zip(new, requests, strict=True))
+            self._gaps.begin("prefill", tokens=tokens)
         batch = build_prefill(
             new_tokens=[s.tokens[-1:] for s in running] + [s.tokens[r.prefix_len :] for s, r in zip(new, requests, strict=True)],
             prefix_lens=[s.kv_len for s in running] + [r.prefix_len for r in requests],
