@@ -283,6 +283,32 @@ def test_dense_plans_build_at_once_when_told_and_read_the_environment(
         DensePlans(build_ms=-1)
 
 
+def test_dense_plans_eager_builds_what_it_meets_and_keeps_it() -> None:
+    plans = DensePlans(build_ms=65)
+    with plans.eager():
+        assert plans.ready(4, 100) and plans.ready(1, 1024)
+    assert plans.ready(4, 100) and plans.ready(1, 1024)  # built during warmup, still built
+    assert not plans.ready(4, 101)  # eager only inside the block
+
+
+def test_warmup_builds_its_dense_shapes_eagerly_when_the_backend_has_plans() -> None:
+    from types import SimpleNamespace
+
+    from shard.native.memory import _eager_dense_builds
+
+    backend = ta.TritonAttention()
+    layer = SimpleNamespace(self_attn=SimpleNamespace(backend=backend))
+    engine = SimpleNamespace(model=SimpleNamespace(layers=[layer, layer]))
+    with _eager_dense_builds(engine):
+        assert backend.dense_plans.ready(16, 1)
+    assert backend.dense_plans.ready(16, 1) and not backend.dense_plans.ready(16, 2)
+    other = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(self_attn=SimpleNamespace(backend=object()))]))
+    with _eager_dense_builds(other):  # the reference backend: nothing to build
+        pass
+    with _eager_dense_builds(SimpleNamespace(model=SimpleNamespace(layers=[]))):  # a stage without layers
+        pass
+
+
 def test_dense_plans_ledger_is_bounded() -> None:
     plans = DensePlans(build_ms=1e9)
     for length in range(1, 5000):

@@ -10,6 +10,7 @@ all ranks keep the smallest count: the router hands out one set of block ids val
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -103,13 +104,24 @@ def _load_serving_kernels(engine: NativeEngine, scratch, ids: list[int]) -> None
     # two sequences, one with a one-token prefix: the varlen paged prefill kernel (fresh batches of
     # equal lengths take SDPA instead: triton_attention.prefill_route); n + 1 <= bs fits its block
     run([ids[:n], ids[-n:]], [1, 0])
-    if len(ids) >= 16:  # 16 logits rows: the decode matmul's multiple-of-16 variant for the head
-        run([[t] for t in ids[:16]], [0] * 16)
-    if len(ids) >= 2:  # a mixed batch: two decode rows (the decode kernel outside the graphs), a prompt
-        run([ids[:1], ids[1:2], ids[:n]], [1, 1, 0], num_decode=2)
-    for length in (1, 16, 128, 1024):  # one sequence of each size class: the GEMMs' kernels load
-        if length < len(ids):
-            run([ids[:length]], [0])
+    # The fresh equal-length shapes below take SDPA (cuDNN on an H100) at once, building their
+    # graphs here: cuDNN's start-up rides on a process's first builds (~0.9 s each for the first
+    # two), which serving would otherwise pay on a request (kernels/dense_plans.py).
+    with _eager_dense_builds(engine):
+        if len(ids) >= 16:  # 16 logits rows: the decode matmul's multiple-of-16 variant for the head
+            run([[t] for t in ids[:16]], [0] * 16)
+        if len(ids) >= 2:  # a mixed batch: two decode rows (the decode kernel outside the graphs), a prompt
+            run([ids[:1], ids[1:2], ids[:n]], [1, 1, 0], num_decode=2)
+        for length in (1, 16, 128, 1024):  # one sequence of each size class: the GEMMs' kernels load
+            if length < len(ids):
+                run([ids[:length]], [0])
+
+
+def _eager_dense_builds(engine: NativeEngine) -> contextlib.AbstractContextManager[object]:
+    """The attention backend's DensePlans.eager() when it has one (TritonAttention), else nothing."""
+    layers = getattr(engine.model, "layers", None) or []
+    plans = getattr(layers[0].self_attn.backend, "dense_plans", None) if len(layers) else None
+    return plans.eager() if plans is not None else contextlib.nullcontext()
 
 
 @torch.inference_mode()

@@ -17,7 +17,9 @@ build" and "never build" in hindsight). In a 32-layer model a shape seen once ne
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 # Measured on one H100 (bench/results/gpu-h100-20261127-session13/first-call/): the first call
 # of a new shape, minus a second call, per attention call.
@@ -48,9 +50,24 @@ class DensePlans:
         self.build_us = build_ms * 1e3
         self.built: set[tuple[int, int]] = set()
         self.lost_us: dict[tuple[int, int], float] = {}
+        self._eager = False
 
     def ready(self, num_seqs: int, length: int) -> bool:
+        if self._eager:
+            self.built.add((num_seqs, length))
+            return True
         return self.build_us == 0 or (num_seqs, length) in self.built
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Every shape met inside is built at once and stays built. For warmup: cuDNN's own start-up
+        rides on the first builds of a process (0.85-0.96 s each for the first two on an H100,
+        against ~65 ms later), so warmup builds a few shapes and no request pays that."""
+        saved, self._eager = self._eager, True
+        try:
+            yield
+        finally:
+            self._eager = saved
 
     def rent(self, num_seqs: int, length: int) -> None:
         """One layer ran this shape on the paged kernel: book what cuDNN would have saved. The
