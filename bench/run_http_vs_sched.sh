@@ -5,7 +5,7 @@
 # lines give each level's output tok/s; bench.plots' summary gives HTTP / no-HTTP per level.
 #
 #   OUT=/tmp/out bench/run_http_vs_sched.sh
-#   CONFIGS="off=|hold50=--burst-hold-ms 50" RUNS=2 OUT=$OUT bench/run_http_vs_sched.sh
+#   CONFIGS="off=--burst-hold-ms 0|hold50=" RUNS=2 OUT=$OUT bench/run_http_vs_sched.sh
 #
 # CONFIGS: "name=launcher flags" items separated by "|" (default: the defaults alone).
 # PLAN: serve_bench plans (default 128/128 at concurrency 64 with 128 prompts, unlimited with 512).

@@ -66,9 +66,9 @@ class LauncherConfig:
     max_client_batch_size: int = _opt(4, "inputs one client request may carry")
     validation_workers: int = _opt(0, "router threads that tokenize prompts; 0 = min(4, CPU cores)")
     burst_hold_ms: float = _opt(
-        0.0,
+        50.0,
         "an idle server's first prefill waits up to this long for requests still being validated "
-        "(a burst then runs as one prefill); 0 = off, as in TGI",
+        "(a burst then runs as one prefill; a lone request never waits); 0 = off, as in TGI",
     )
     payload_limit: int = _opt(2_000_000, "HTTP body limit in bytes")
     api_key: str = _opt(

@@ -46,8 +46,10 @@ class RouterConfig:
     cors_allow_origin: str = ""
     # An idle server's first prefill waits up to this long while requests are still being
     # validated (and the waiting ones do not fill a prefill), so a burst runs as one prefill
-    # (router/arrivals.py). 0 = off: the first request goes at once, as in TGI.
-    burst_hold_ms: float = 0.0
+    # (router/arrivals.py). 0 = off: the first request goes at once, as in TGI. 50 by default:
+    # on one H100 it raised 128/128 at concurrency 64 through HTTP from 93.3% to 95.7% of the
+    # engine without HTTP (six runs each, two hosts; BENCHMARKS.md, thirteenth session).
+    burst_hold_ms: float = 50.0
     # Threads that tokenize prompts (TGI's flag; the Rust tokenizer releases the GIL, so they run
     # beside the event loop). 0 = min(4, CPU cores).
     validation_workers: int = 0

@@ -483,7 +483,9 @@ def test_burst_hold_reaches_the_router() -> None:
         argv = cli.router_argv(config, master_url="unix:///s-0", tokenizer="/t", model_name="m")
         return argv[argv.index("--burst-hold-ms") + 1]
 
-    assert router_value([], {}) == "0.0"  # off: TGI's behaviour
+    assert router_value([], {}) == "50.0"  # on by default (a lone request never waits)
+    assert router_value(["--burst-hold-ms", "0"], {}) == "0.0"  # off: TGI's behaviour
+    assert router_parse([], env={}).burst_hold_ms == 50.0
     assert router_value(["--burst-hold-ms", "40"], {}) == "40.0"
     assert router_value([], {"BURST_HOLD_MS": "25"}) == "25.0"
     assert router_parse(["--burst-hold-ms", "40"], env={}).burst_hold_ms == 40.0
