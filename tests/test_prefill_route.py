@@ -281,6 +281,10 @@ def test_dense_plans_build_at_once_when_told_and_read_the_environment(
     assert DensePlans(build_ms=65).build_us == 65e3
     with pytest.raises(ValueError, match="build_ms"):
         DensePlans(build_ms=-1)
+    for bad in ("fast", "nan", "-5"):
+        monkeypatch.setenv("SHARD_CUDNN_BUILD_MS", bad)
+        with pytest.raises(ValueError, match="SHARD_CUDNN_BUILD_MS"):
+            DensePlans()
 
 
 def test_dense_plans_eager_builds_what_it_meets_and_keeps_it() -> None:

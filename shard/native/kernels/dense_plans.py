@@ -44,9 +44,13 @@ class DensePlans:
 
     def __init__(self, build_ms: float | None = None) -> None:
         if build_ms is None:
-            build_ms = float(os.environ.get("SHARD_CUDNN_BUILD_MS", DEFAULT_BUILD_MS))
-        if build_ms < 0:
-            raise ValueError(f"build_ms must be >= 0, got {build_ms}")
+            raw = os.environ.get("SHARD_CUDNN_BUILD_MS", str(DEFAULT_BUILD_MS))
+            try:
+                build_ms = float(raw)
+            except ValueError:
+                raise ValueError(f"SHARD_CUDNN_BUILD_MS must be a number of milliseconds >= 0, got {raw!r}") from None
+        if not build_ms >= 0:  # NaN fails too
+            raise ValueError(f"build_ms (SHARD_CUDNN_BUILD_MS) must be >= 0, got {build_ms}")
         self.build_us = build_ms * 1e3
         self.built: set[tuple[int, int]] = set()
         self.lost_us: dict[tuple[int, int], float] = {}
